@@ -1,0 +1,74 @@
+"""Self-Forcing (Wan2.1-T2V causal DiT) model, sampler and cache configs.
+
+Variants (the part after ``:``):
+  tiny                    2 layers, dim 64, 2x32 heads, 8x8 latents, 9 frames (3 blocks). CPU default.
+  tiny_long               tiny with 18 frames rolled through a 9-frame window, 3 sink frames.
+  mid                     4 layers, dim 256, 4x64 heads, 24x40 latents, 21 frames (benchmarks).
+  wan2.1_t2v_1.3b         the real 1.3B model at 480x832: 21 latent frames of 60x104 (1560 tokens each).
+  wan2.1_t2v_1.3b_long    1.3B, 42 latent frames through a 21-frame attention window (the study's setting).
+
+Run:
+  python -m kvjax.launch --method=bf16 --config=configs/self_forcing.py:tiny
+  python -m kvjax.launch --method=bf16 --config=configs/self_forcing.py:wan2.1_t2v_1.3b --plan
+Any field can be overridden on the command line, e.g. ``--config.model.num_layers=4``.
+"""
+
+import ml_collections
+
+_MODELS = {
+    'tiny': dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_len=16, text_dim=32),
+    'mid': dict(dim=256, ffn_dim=1024, num_heads=4, num_layers=4, text_len=64, text_dim=256),
+    'wan2.1_t2v_1.3b': dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, text_len=512,
+                            text_dim=4096),
+}
+
+# (num_latent_frames, latent_height, latent_width, window_frames, sink_frames)
+_VIDEOS = {
+    'tiny': (9, 8, 8, -1, 0),
+    'tiny_long': (18, 8, 8, 9, 3),
+    'mid': (21, 24, 40, -1, 0),
+    'wan2.1_t2v_1.3b': (21, 60, 104, -1, 0),
+    'wan2.1_t2v_1.3b_long': (42, 60, 104, 21, 0),
+}
+
+
+def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
+  """Returns the config of variant ``arg`` (see the module docstring)."""
+  arg = arg or 'tiny'
+  if arg not in _VIDEOS:
+    raise ValueError(f'unknown config variant {arg!r}; valid: {sorted(_VIDEOS)}')
+  model_name = arg.removesuffix('_long')
+  full = model_name == 'wan2.1_t2v_1.3b'
+  c = ml_collections.ConfigDict()
+  c.name = arg
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict(dict(
+      **_MODELS[model_name],
+      freq_dim=256,
+      patch_size=(1, 2, 2),
+      in_dim=16,
+      out_dim=16,
+      eps=1e-6,
+      rope_theta=10000.0,
+      rope_max_frames=1024,
+      param_dtype='bfloat16' if full else 'float32',
+      compute_dtype='bfloat16',
+  ))
+
+  c.sampler = ml_collections.ConfigDict(dict(
+      denoising_steps=(1000, 750, 500, 250),
+      warp_denoising_step=True,
+      timestep_shift=5.0,
+      num_train_timesteps=1000,
+      block_frames=3,
+      context_noise=0.0,
+  ))
+
+  frames, height, width, window, sink = _VIDEOS[arg]
+  c.video = ml_collections.ConfigDict(dict(
+      batch_size=1, num_latent_frames=frames, latent_height=height, latent_width=width))
+  # window_frames: latent frames of K/V visible to a block, its own included (Self-Forcing's
+  # local_attn_size); -1 = every frame of the rollout. sink_frames: first frames never evicted.
+  c.cache = ml_collections.ConfigDict(dict(window_frames=window, sink_frames=sink))
+  return c

@@ -1,0 +1,152 @@
+"""The cache-method protocol (DESIGN.md section 3) and the frame ring buffer all methods share.
+
+Storage layout and capacity. The cache holds *history* only: the current block always attends to
+its own K/V exactly (dense, in the compute dtype) and the two partial attentions are merged by
+log-sum-exp. A block may see ``window_frames`` frames, its own ``block_frames`` included, so the
+cache needs ``capacity_frames = window_frames - block_frames`` frame slots. Slots
+``[0, sink_frames)`` hold the first frames forever; the rest is a ring: frame f >= sink lives in
+slot ``sink + (f - sink) mod (capacity - sink)``. Softmax attention is order-free and keys are
+stored already rotated (absolute RoPE positions), so a ring is output-equivalent to Self-Forcing's
+roll-and-shift eviction. Slots fill in order, so the valid slots are always the prefix
+``[0, min(frames_written, capacity))``; attention walks exactly those, one frame slot a chunk.
+A frame (1,560 tokens at 480x832) is the unit of storage, eviction and of the attention walk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+  """Static description of a KV cache (hashable: usable as a static jit argument).
+
+  Attributes:
+    batch, num_layers, num_heads, head_dim: cache geometry ([L, B, ..., N, H]).
+    frame_tokens: tokens per latent frame P (1,560 at 480x832).
+    block_frames: latent frames per generation block (3).
+    window_frames: frames visible to a block, its own included (>= block_frames).
+    sink_frames: first frames never evicted.
+    dtype: dtype of unquantized K/V (the compute dtype).
+  """
+  batch: int
+  num_layers: int
+  num_heads: int
+  head_dim: int
+  frame_tokens: int
+  block_frames: int
+  window_frames: int
+  sink_frames: int = 0
+  dtype: Any = jnp.bfloat16
+
+  def __post_init__(self):
+    object.__setattr__(self, 'dtype', jnp.dtype(self.dtype))
+    for f in ('batch', 'num_layers', 'num_heads', 'head_dim', 'frame_tokens', 'block_frames'):
+      if int(getattr(self, f)) < 1:
+        raise ValueError(f'CacheSpec.{f} must be >= 1 (got {getattr(self, f)})')
+    if self.window_frames < self.block_frames:
+      raise ValueError(f'window_frames={self.window_frames} is smaller than a block '
+                       f'({self.block_frames} frames): a block must at least see itself')
+    if self.sink_frames < 0:
+      raise ValueError(f'sink_frames must be >= 0 (got {self.sink_frames})')
+    if self.sink_frames and self.sink_frames >= self.capacity_frames:
+      raise ValueError(
+          f'sink_frames={self.sink_frames} leaves no rolling history: need sink_frames < '
+          f'window_frames - block_frames = {self.capacity_frames}')
+
+  @property
+  def capacity_frames(self) -> int:
+    """History frame slots: the window minus the block's own frames."""
+    return self.window_frames - self.block_frames
+
+  @property
+  def capacity_tokens(self) -> int:
+    return self.capacity_frames * self.frame_tokens
+
+  @property
+  def block_tokens(self) -> int:
+    return self.block_frames * self.frame_tokens
+
+  def bf16_bytes(self) -> int:
+    """Bytes of a BF16 K+V cache holding the same history tokens (the compression numerator)."""
+    return (2 * 2 * self.num_layers * self.batch * self.capacity_tokens * self.num_heads
+            * self.head_dim)
+
+
+class AppendInfo(NamedTuple):
+  """What the sampler tells a method when a block's clean K/V are appended.
+
+  start_frame: int32 absolute index of the block's first latent frame.
+  """
+  start_frame: jax.Array
+
+
+def frame_slot(frame, spec: CacheSpec):
+  """Ring slot of absolute frame index ``frame`` (int or int32 array)."""
+  rolling = spec.capacity_frames - spec.sink_frames
+  return jnp.where(frame < spec.sink_frames, frame,
+                   spec.sink_frames + (frame - spec.sink_frames) % rolling)
+
+
+def valid_frames(frames_written, spec: CacheSpec):
+  """Number of valid (filled) slots; they are always the prefix of the slot axis."""
+  return jnp.minimum(frames_written, spec.capacity_frames)
+
+
+def tree_nbytes(tree) -> int:
+  """Sum of the bytes of every array (or ShapeDtypeStruct) leaf of a pytree."""
+  return int(sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(tree)))
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheMethod:
+  """Base class of cache methods: frozen (hashable) objects built by ``kvjax.cache.get``.
+
+  Subclasses define the class attributes ``name`` (the paper name), ``aliases`` and
+  ``family``, and the methods below. A state is a pytree whose arrays have a leading layer axis;
+  it carries its CacheSpec as static pytree metadata.
+  """
+  name: ClassVar[str] = ''
+  aliases: ClassVar[tuple[str, ...]] = ()
+  family: ClassVar[str] = ''
+  description: ClassVar[str] = ''
+
+  def init(self, spec: CacheSpec):
+    raise NotImplementedError
+
+  def append(self, state, layer, k, v, info: AppendInfo):
+    """Stores the clean, rotated K/V of one block at ``layer``.
+
+    Args:
+      state: the cache state; layer: int32 layer index (may be traced).
+      k, v: [B, block_frames * frame_tokens, N, H].
+    Returns:
+      The new state (same structure and shapes).
+    """
+    raise NotImplementedError
+
+  def attend(self, state, layer, q, impl: str = 'auto'):
+    """Attention of q [B, T, N, H] over the layer's history -> (out [B, T, N, H], lse [B, N, T])."""
+    raise NotImplementedError
+
+  def materialize(self, state, layer):
+    """Reference/debug only: what attention sees, expanded.
+
+    Returns:
+      k, v: [B, S, N, H] (compute dtype), bias: [B, S] float32 (-inf for empty slots).
+    """
+    raise NotImplementedError
+
+  def nbytes(self, state) -> int:
+    """Bytes of every array of the state (realized storage, never a formula)."""
+    return tree_nbytes(state)
+
+  def params(self) -> dict[str, Any]:
+    """The method's parameters (overridable through ``kvjax.cache.get(name, **overrides)``)."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -1,0 +1,111 @@
+"""Model parameters: random init, abstract shapes, and the kvjax checkpoint format.
+
+A kvjax checkpoint directory holds ``config.json`` (the WanConfig fields plus a ``format``
+marker) and ``params/`` (an orbax StandardCheckpointer tree of the parameters, layer-stacked).
+``ports.convert`` writes the same format from PyTorch checkpoints.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kvjax.model import WanConfig, WanDiT
+
+FORMAT = 'kvjax.wan_dit.v1'
+
+
+def graphdef(cfg: WanConfig):
+  return nnx.graphdef(nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0))))
+
+
+def abstract_params(cfg: WanConfig) -> nnx.State:
+  """ShapeDtypeStruct parameters of the model (nothing allocated)."""
+  return nnx.state(nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0))))
+
+
+@functools.lru_cache(maxsize=8)
+def _init_fn(cfg: WanConfig):
+  return jax.jit(lambda seed: nnx.state(WanDiT(cfg, rngs=nnx.Rngs(seed))))
+
+
+def init_params(cfg: WanConfig, seed: int = 0) -> nnx.State:
+  """Random parameters (fixed by ``seed``), created on device by one jitted init."""
+  return _init_fn(cfg)(jnp.uint32(seed))
+
+
+def params_from_nested(cfg: WanConfig, nested: Mapping) -> nnx.State:
+  """nnx.State from a nested mapping of arrays with exactly the model's structure."""
+  state = abstract_params(cfg)
+  state.replace_by_pure_dict(jax.tree.map(lambda a: jnp.asarray(a), dict(nested)))
+  return state
+
+
+def to_nested(params: nnx.State) -> dict:
+  """Pure nested dict of numpy arrays (for ports and the torch reference)."""
+  return jax.tree.map(np.asarray, params.to_pure_dict())
+
+
+def cast(params: nnx.State, dtype) -> nnx.State:
+  return jax.tree.map(lambda a: a.astype(dtype), params)
+
+
+def save(directory: str, cfg: WanConfig, params: nnx.State, extra: Mapping[str, Any] | None = None):
+  """Writes config.json + params/ into ``directory`` (which must not exist yet)."""
+  import orbax.checkpoint as ocp
+  directory = os.path.abspath(directory)
+  if os.path.exists(directory):
+    raise FileExistsError(f'checkpoint directory already exists: {directory}')
+  os.makedirs(directory)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(directory, 'params'), params.to_pure_dict())
+    ckptr.wait_until_finished()
+  meta = dict(format=FORMAT, model=cfg.to_dict(), **(extra or {}))
+  with open(os.path.join(directory, 'config.json'), 'w') as f:
+    json.dump(meta, f, indent=2)
+
+
+def read_config(directory: str) -> WanConfig:
+  """Reads and validates ``directory/config.json``."""
+  path = os.path.join(directory, 'config.json')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'checkpoint directory not found: {directory}')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{directory} is not a kvjax checkpoint: no config.json '
+                            '(convert PyTorch checkpoints with python -m ports.convert)')
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path} is not valid JSON: {e}') from None
+  if meta.get('format') != FORMAT or 'model' not in meta:
+    raise ValueError(f'{path}: not a kvjax DiT checkpoint (format={meta.get("format")!r}, '
+                     f'expected {FORMAT!r})')
+  return WanConfig.from_dict(meta['model'])
+
+
+def load(directory: str, param_dtype=None) -> tuple[WanConfig, nnx.State]:
+  """Loads a checkpoint written by ``save`` (or ports.convert); shapes are checked by orbax."""
+  import orbax.checkpoint as ocp
+  cfg = read_config(directory)
+  if param_dtype is not None:
+    cfg = cfg.replace(param_dtype=param_dtype)
+  target = abstract_params(cfg)
+  pdir = os.path.join(os.path.abspath(directory), 'params')
+  if not os.path.isdir(pdir):
+    raise FileNotFoundError(f'{directory}: missing params/ (incomplete or corrupt checkpoint)')
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      restored = ckptr.restore(pdir, target.to_pure_dict())
+  except Exception as e:  # orbax raises many types; name the file and re-raise as ValueError.
+    raise ValueError(f'{directory}: cannot restore parameters ({type(e).__name__}: {e})') from e
+  state = abstract_params(cfg)
+  state.replace_by_pure_dict(restored)
+  return cfg, state

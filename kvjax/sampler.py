@@ -1,0 +1,334 @@
+"""Self-Forcing block-autoregressive sampler and its flow-matching scheduler.
+
+Per block of ``block_frames`` latent frames (spec/model.md section 2.4):
+  for i, t in enumerate(timesteps):            # (1000, 937.5, 833.33, 625) after warping
+      v  = DiT(x_t, t, cache)                  # cache read-only
+      x0 = x_t - sigma(t) * v
+      if i < last: x_t = (1 - sigma(t_next)) * x0 + sigma(t_next) * eps_{block, i}   # fresh noise
+  DiT(x0, t=context_noise, cache, write)       # the context pass appends the block's clean K/V
+Noise is explicit: ``initial`` [B, F, C, h, w] and ``renoise`` [blocks, steps-1, B, bf, C, h, w].
+Scheduler, conversions and latents are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kvjax.cache.base import AppendInfo, CacheMethod, CacheSpec
+from kvjax.model import WanConfig, WanDiT
+
+f32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  denoising_steps: tuple[float, ...] = (1000, 750, 500, 250)
+  warp_denoising_step: bool = True
+  timestep_shift: float = 5.0
+  num_train_timesteps: int = 1000
+  block_frames: int = 3
+  context_noise: float = 0.0
+
+  @classmethod
+  def from_dict(cls, d) -> 'SamplerConfig':
+    d = dict(d)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f'unknown sampler config keys {unknown}; valid: {sorted(names)}')
+    d['denoising_steps'] = tuple(float(s) for s in d.get('denoising_steps', cls.denoising_steps))
+    return cls(**d)
+
+
+def shifted_grid(num_train_timesteps: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
+  """Self-Forcing's FlowMatchScheduler(shift, sigma_min=0, extra_one_step=True) training grid.
+
+  Returns:
+    timesteps [N] float32 (1000 ... 4.98), sigmas [N] float32.
+  """
+  s = np.linspace(1.0, 0.0, num_train_timesteps + 1, dtype=np.float32)[:-1]
+  sig = (shift * s / (1.0 + (shift - 1.0) * s)).astype(np.float32)
+  return (sig * num_train_timesteps).astype(np.float32), sig
+
+
+def schedule(cfg: SamplerConfig) -> tuple[np.ndarray, np.ndarray]:
+  """The denoising timesteps and their sigmas (nearest-grid lookup), both float32 [K]."""
+  grid_t, grid_s = shifted_grid(cfg.num_train_timesteps, cfg.timestep_shift)
+  steps = np.asarray(cfg.denoising_steps, np.float64)
+  if cfg.warp_denoising_step:
+    ext = np.concatenate([grid_t, np.zeros(1, np.float32)])
+    idx = (cfg.num_train_timesteps - steps).astype(np.int64)
+    if idx.min() < 0 or idx.max() > cfg.num_train_timesteps:
+      raise ValueError(f'denoising_steps {cfg.denoising_steps} outside [0, {cfg.num_train_timesteps}]')
+    ts = ext[idx]
+  else:
+    ts = steps.astype(np.float32)
+  return ts.astype(np.float32), np.asarray([sigma_of(t, cfg) for t in ts], np.float32)
+
+
+def sigma_of(t: float, cfg: SamplerConfig) -> float:
+  """sigma[argmin |t_grid - t|]; 0 for t = 0 (a clean input)."""
+  if t <= 0:
+    return 0.0
+  grid_t, grid_s = shifted_grid(cfg.num_train_timesteps, cfg.timestep_shift)
+  return float(grid_s[np.argmin(np.abs(grid_t.astype(np.float64) - t))])
+
+
+class Noise(NamedTuple):
+  """initial: [B, F, C, h, w]; renoise: [num_blocks, steps - 1, B, block_frames, C, h, w]."""
+  initial: Any
+  renoise: Any
+
+
+def noise_shapes(batch, frames, channels, height, width, cfg: SamplerConfig):
+  nb = frames // cfg.block_frames
+  return ((batch, frames, channels, height, width),
+          (nb, len(cfg.denoising_steps) - 1, batch, cfg.block_frames, channels, height, width))
+
+
+def make_noise(seed: int, batch, frames, channels, height, width, cfg: SamplerConfig) -> Noise:
+  """Gaussian noise for a whole rollout from ``seed`` (float32)."""
+  s_init, s_re = noise_shapes(batch, frames, channels, height, width, cfg)
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  return Noise(jax.random.normal(k1, s_init, f32), jax.random.normal(k2, s_re, f32))
+
+
+def validate_noise(noise: Noise, cfg: SamplerConfig, channels: int, what: str = 'noise') -> None:
+  """Checks shapes and finiteness of explicit noise; raises ValueError naming the problem."""
+  init = np.asarray(noise.initial)
+  if init.ndim != 5:
+    raise ValueError(f'{what}: initial must be [B, F, C, h, w], got shape {init.shape}')
+  b, f, c, h, w = init.shape
+  if c != channels:
+    raise ValueError(f'{what}: initial has {c} channels, the model expects {channels} '
+                     '(layout is [B, F, C, h, w]: frames before channels)')
+  if f % cfg.block_frames:
+    raise ValueError(f'{what}: {f} latent frames is not a multiple of the block '
+                     f'({cfg.block_frames} frames)')
+  _, want = noise_shapes(b, f, c, h, w, cfg)
+  if tuple(np.shape(noise.renoise)) != want:
+    raise ValueError(f'{what}: renoise has shape {tuple(np.shape(noise.renoise))}, expected '
+                     f'{want} = [num_blocks, steps-1, B, block_frames, C, h, w]')
+  for name, arr in (('initial', init), ('renoise', np.asarray(noise.renoise))):
+    if not np.all(np.isfinite(arr)):
+      raise ValueError(f'{what}: {name} contains NaN or Inf')
+
+
+def load_noise(path: str, cfg: SamplerConfig, channels: int) -> Noise:
+  """Loads and validates a noise .npz with arrays ``initial`` and ``renoise``."""
+  try:
+    with np.load(path) as z:
+      missing = [k for k in ('initial', 'renoise') if k not in z.files]
+      if missing:
+        raise ValueError(f'noise file {path}: missing array(s) {missing} (has {z.files})')
+      noise = Noise(np.asarray(z['initial'], np.float32), np.asarray(z['renoise'], np.float32))
+  except FileNotFoundError:
+    raise FileNotFoundError(f'noise file not found: {path}') from None
+  except (OSError, EOFError) as e:
+    raise ValueError(f'noise file {path} is not a readable .npz: {e}') from None
+  validate_noise(noise, cfg, channels, what=f'noise file {path}')
+  return noise
+
+
+@dataclasses.dataclass
+class RolloutStats:
+  compile_s: float = 0.0
+  runtime_s: float = 0.0
+  dit_calls: int = 0
+
+
+class SelfForcing:
+  """Compiled Self-Forcing rollout for one model, cache method and latent geometry.
+
+  Step functions are compiled ahead of time (``compile``) so compile time is measured apart
+  from run time; the cache goes in and out of the context pass as a donated pytree.
+  """
+
+  def __init__(self, model_cfg: WanConfig, sampler_cfg: SamplerConfig, method: CacheMethod,
+               spec: CacheSpec, *, latent_hw: tuple[int, int], impl: str = 'auto',
+               graphdef=None):
+    self.model_cfg, self.cfg, self.method, self.spec = model_cfg, sampler_cfg, method, spec
+    self.impl = impl
+    self.latent_hw = latent_hw
+    self.timesteps, self.sigmas = schedule(sampler_cfg)
+    if graphdef is None:
+      graphdef = nnx.graphdef(nnx.eval_shape(lambda: WanDiT(model_cfg, rngs=nnx.Rngs(0))))
+    self.graphdef = graphdef
+    self._compiled: dict[str, Any] = {}
+
+  # ------------------------------------------------------------ pure step functions
+  def _model(self, params) -> WanDiT:
+    return nnx.merge(self.graphdef, params)
+
+  def encode_fn(self, params, text_states):
+    """text_states [B, Lt, E] -> per-layer cross K/V."""
+    return self._model(params).cross_kv(text_states)
+
+  def denoise_fn(self, params, x_t, t, sigma, cross_kv, cache, start_frame):
+    """One denoising call: x_t [B, bf, C, h, w] float32 -> x0 float32 (cache read-only)."""
+    b, nf = x_t.shape[:2]
+    tt = jnp.full((b, nf), t, f32)
+    v, _ = self._model(params).forward_cached(x_t, tt, cross_kv, start_frame, cache=cache,
+                                              method=self.method, impl=self.impl)
+    return x_t - sigma * v
+
+  def context_fn(self, params, x0, cross_kv, cache, start_frame):
+    """The clean context pass: appends the block's K/V computed from x0 at t=context_noise."""
+    b, nf = x0.shape[:2]
+    tt = jnp.full((b, nf), self.cfg.context_noise, f32)
+    _, cache = self._model(params).forward_cached(
+        x0, tt, cross_kv, start_frame, cache=cache, method=self.method, write=True,
+        impl=self.impl, info=AppendInfo(start_frame=start_frame), predict=False)
+    return cache
+
+  @staticmethod
+  def renoise_fn(x0, eps, sigma_next):
+    return (1.0 - sigma_next) * x0 + sigma_next * eps
+
+  # ------------------------------------------------------------ compilation
+  def abstract_args(self, params, text_len: int, text_dim: int):
+    """ShapeDtypeStructs of every step's arguments (for ahead-of-time lowering)."""
+    sds = jax.ShapeDtypeStruct
+    spec = self.spec
+    h, w = self.latent_hw
+    c = self.model_cfg.in_dim
+    x = sds((spec.batch, spec.block_frames, c, h, w), f32)
+    text = sds((spec.batch, text_len, text_dim), self.model_cfg.cdtype)
+    cross = jax.eval_shape(self.encode_fn, params, text)
+    cache = jax.eval_shape(lambda: self.method.init(spec))
+    scalar = sds((), f32)
+    start = sds((), jnp.int32)
+    return dict(params=params, x=x, text=text, cross=cross, cache=cache, scalar=scalar,
+                start=start)
+
+  def lower(self, params, text_len: int, text_dim: int):
+    """Lowers all step functions with abstract (or concrete) ``params``; nothing is allocated."""
+    a = self.abstract_args(params, text_len, text_dim)
+    p = a['params']
+    return dict(
+        encode=jax.jit(self.encode_fn).lower(p, a['text']),
+        denoise=jax.jit(self.denoise_fn).lower(p, a['x'], a['scalar'], a['scalar'], a['cross'],
+                                               a['cache'], a['start']),
+        context=jax.jit(self.context_fn, donate_argnums=(3,)).lower(
+            p, a['x'], a['cross'], a['cache'], a['start']),
+        renoise=jax.jit(self.renoise_fn).lower(a['x'], a['x'], a['scalar']),
+    )
+
+  def compile(self, params, text_len: int, text_dim: int) -> float:
+    """Compiles every step function; returns the seconds spent (lowering included)."""
+    if self._compiled:
+      return 0.0
+    t0 = time.perf_counter()
+    lowered = self.lower(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params),
+                         text_len, text_dim)
+    self._compiled = {k: v.compile() for k, v in lowered.items()}
+    return time.perf_counter() - t0
+
+  # ------------------------------------------------------------ the rollout
+  def rollout(self, params, noise: Noise, text_states, *,
+              on_block: Callable[[int, int], None] | None = None):
+    """Generates all latent frames.
+
+    Args:
+      params: model parameters (nnx.State).
+      noise: explicit Noise (validated by the caller).
+      text_states: [B, Lt, E] text-encoder states.
+      on_block: optional callback(block_index, num_blocks) after each block (progress).
+    Returns:
+      latents [B, F, C, h, w] float32 (numpy), final cache state, RolloutStats.
+    """
+    spec, cfg = self.spec, self.cfg
+    init = jnp.asarray(noise.initial, f32)
+    b, nf = init.shape[:2]
+    bf = cfg.block_frames
+    if nf % bf:
+      raise ValueError(f'{nf} latent frames is not a multiple of the block ({bf} frames)')
+    if nf > self.model_cfg.rope_max_frames:
+      raise ValueError(f'{nf} latent frames exceed the RoPE table '
+                       f'({self.model_cfg.rope_max_frames} frames)')
+    text_states = jnp.asarray(text_states, self.model_cfg.cdtype)
+    stats = RolloutStats()
+    stats.compile_s = self.compile(params, text_states.shape[1], text_states.shape[2])
+    fn = self._compiled
+    renoise = jnp.asarray(noise.renoise, f32)
+
+    t0 = time.perf_counter()
+    cross = fn['encode'](params, text_states)
+    cache = jax.jit(self.method.init, static_argnums=0)(spec)
+    out = []
+    num_blocks = nf // bf
+    for blk in range(num_blocks):
+      start = jnp.int32(blk * bf)
+      x = init[:, blk * bf:(blk + 1) * bf]
+      for i, (t, s) in enumerate(zip(self.timesteps, self.sigmas)):
+        x0 = fn['denoise'](params, x, jnp.float32(t), jnp.float32(s), cross, cache, start)
+        stats.dit_calls += 1
+        if i + 1 < len(self.timesteps):
+          x = fn['renoise'](x0, renoise[blk, i], jnp.float32(self.sigmas[i + 1]))
+      out.append(x0)
+      cache = fn['context'](params, x0, cross, cache, start)
+      stats.dit_calls += 1
+      if on_block is not None:
+        jax.block_until_ready(cache)
+        on_block(blk, num_blocks)
+    latents = np.asarray(jnp.concatenate(out, axis=1))
+    jax.block_until_ready(cache)
+    stats.runtime_s = time.perf_counter() - t0
+    return latents, cache, stats
+
+
+# ---------------------------------------------------------------------------- references
+def frame_mask(num_frames: int, block_frames: int, window_frames: int, sink_frames: int = 0):
+  """Block-causal frame mask equivalent to the KV-cache rollout (spec/model.md section 2.5).
+
+  Query frame i of block k (ending at e_k = block_frames * (k + 1)) may attend to key frame j iff
+  j < e_k and (j < sink_frames or j >= e_k - (window_frames - sink_frames)).
+
+  Returns:
+    [num_frames, num_frames] numpy bool.
+  """
+  i = np.arange(num_frames)[:, None]
+  j = np.arange(num_frames)[None, :]
+  end = (i // block_frames + 1) * block_frames
+  return (j < end) & ((j < sink_frames) | (j >= end - (window_frames - sink_frames)))
+
+
+def reference_rollout(model: WanDiT, noise: Noise, text_states, cfg: SamplerConfig,
+                      window_frames: int, sink_frames: int = 0, mask_fn=frame_mask):
+  """Cache-free rollout: every DiT call recomputes the whole prefix under the frame mask.
+
+  Block b's call at timestep t runs the model on [clean frames 0..e_b-bf at t=context_noise ||
+  the block's noisy frames at t] with ``mask_fn`` and keeps the last block's outputs. This is
+  the independent path the KV-cache rollout is checked against.
+
+  Returns:
+    latents [B, F, C, h, w] float32 numpy.
+  """
+  ts, sigmas = schedule(cfg)
+  init = jnp.asarray(noise.initial, f32)
+  b, nf = init.shape[:2]
+  bf = cfg.block_frames
+  cross = jax.jit(lambda ts_: model.cross_kv(ts_))(jnp.asarray(text_states, model.cfg.cdtype))
+  fwd = jax.jit(model.forward_full, static_argnums=())
+  clean = []
+  for blk in range(nf // bf):
+    n = (blk + 1) * bf
+    mask = jnp.asarray(mask_fn(n, bf, window_frames, sink_frames))
+    x = init[:, blk * bf:n]
+    for i, (t, s) in enumerate(zip(ts, sigmas)):
+      xs = jnp.concatenate(clean + [x], axis=1)
+      tt = jnp.concatenate([jnp.full((b, n - bf), cfg.context_noise, f32),
+                            jnp.full((b, bf), t, f32)], axis=1)
+      v = fwd(xs, tt, cross, mask)[:, n - bf:]
+      x0 = x - s * v
+      if i + 1 < len(ts):
+        x = (1.0 - sigmas[i + 1]) * x0 + sigmas[i + 1] * jnp.asarray(noise.renoise)[blk, i]
+    clean.append(x0)
+  return np.asarray(jnp.concatenate(clean, axis=1))
