@@ -33,12 +33,12 @@ def abstract_params(cfg: WanConfig) -> nnx.State:
 
 @functools.lru_cache(maxsize=8)
 def _init_fn(cfg: WanConfig):
-  return jax.jit(lambda seed: nnx.state(WanDiT(cfg, rngs=nnx.Rngs(seed))))
+  return jax.jit(lambda key: nnx.state(WanDiT(cfg, rngs=nnx.Rngs(key))))
 
 
 def init_params(cfg: WanConfig, seed: int = 0) -> nnx.State:
   """Random parameters (fixed by ``seed``), created on device by one jitted init."""
-  return _init_fn(cfg)(jnp.uint32(seed))
+  return _init_fn(cfg)(jax.random.key(seed))
 
 
 def params_from_nested(cfg: WanConfig, nested: Mapping) -> nnx.State:

@@ -81,9 +81,26 @@ class CacheSpec:
 class AppendInfo(NamedTuple):
   """What the sampler tells a method when a block's clean K/V are appended.
 
-  start_frame: int32 absolute index of the block's first latent frame.
+  start_frame: int32 absolute index of the block's first latent frame. Methods derive write
+    positions from it (never from their own counters) so that the model can order the write
+    after the layer's attention (see ``ordered_after``) and a repeated context pass of the same
+    block overwrites the same slots, as Self-Forcing does.
   """
   start_frame: jax.Array
+
+
+def ordered_after(index, token):
+  """``index`` (int32) unchanged, but data-dependent on the float scalar ``token``.
+
+  The context pass appends a block's K/V, which depend only on pre-attention activations, to
+  the cache that the same layer's attention reads. Without a data dependency XLA may schedule
+  the in-place write before the attention loop and then has to copy the whole cache to keep
+  the read correct (seen on CPU: two full copies per layer). Making the write position depend
+  on the layer's output orders the write after the read. min(i, i + isnan(t)) == i always,
+  which XLA cannot prove, so the dependency survives optimization.
+  """
+  index = jnp.asarray(index, jnp.int32)
+  return jnp.minimum(index, index + (token != token).astype(jnp.int32))
 
 
 def frame_slot(frame, spec: CacheSpec):
@@ -96,6 +113,32 @@ def frame_slot(frame, spec: CacheSpec):
 def valid_frames(frames_written, spec: CacheSpec):
   """Number of valid (filled) slots; they are always the prefix of the slot axis."""
   return jnp.minimum(frames_written, spec.capacity_frames)
+
+
+def storage_dtype(dtype) -> jnp.dtype:
+  """Array dtype used to *store* values of float ``dtype``: 16-bit floats as raw uint16 bits.
+
+  XLA CPU runs bf16/fp16 dynamic slices through float normalization: it converts the whole
+  operand to float32 and loop-invariant code motion hoists that conversion out of the chunk
+  loop, so a bf16 cache would be copied whole to float32 on every call (platform.md section 8).
+  Integer arrays are left alone, so 16-bit floats are kept as their bit patterns (same bytes)
+  and chunk-sized slices are bitcast back. Other dtypes are stored as they are.
+  """
+  dtype = jnp.dtype(dtype)
+  is_float = jnp.issubdtype(dtype, jnp.floating)
+  return jnp.dtype(jnp.uint16) if dtype.itemsize == 2 and is_float else dtype
+
+
+def to_storage(x, dtype):
+  """Casts x to float ``dtype`` and returns it in ``storage_dtype(dtype)``."""
+  x = x.astype(dtype)
+  sd = storage_dtype(dtype)
+  return jax.lax.bitcast_convert_type(x, sd) if sd != jnp.dtype(dtype) else x
+
+
+def from_storage(x, dtype):
+  """Inverse of ``to_storage`` (apply to chunk-sized slices)."""
+  return jax.lax.bitcast_convert_type(x, dtype) if x.dtype != jnp.dtype(dtype) else x
 
 
 def tree_nbytes(tree) -> int:

@@ -10,14 +10,16 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax import kernels
-from kvjax.cache.base import AppendInfo, CacheMethod, CacheSpec, frame_slot, valid_frames
+from kvjax.cache.base import (AppendInfo, CacheMethod, CacheSpec, frame_slot, from_storage,
+                              storage_dtype, to_storage, valid_frames)
 
 f32 = jnp.float32
 
 
 @struct.dataclass
 class DenseState:
-  """k, v: [L, B, C, P, N, H] (C frame slots of P tokens); frames: [L] int32 frames appended."""
+  """k, v: [L, B, C, P, N, H] (C frame slots of P tokens) in ``storage_dtype(spec.dtype)``
+  (16-bit floats as raw uint16 bits); frames: [L] int32 frames appended."""
   k: jax.Array
   v: jax.Array
   frames: jax.Array
@@ -39,7 +41,9 @@ class SlotKV:
     start = (self.layer, 0, j, 0, 0, 0)
     k = jax.lax.dynamic_slice(st.k, start, (1, b, 1, p, n, h)).reshape(b, p, n, h)
     v = jax.lax.dynamic_slice(st.v, start, (1, b, 1, p, n, h)).reshape(b, p, n, h)
-    return k.astype(self.dtype), v.astype(self.dtype), jnp.zeros((b, p), f32)
+    dt = st.spec.dtype
+    k, v = from_storage(k, dt).astype(self.dtype), from_storage(v, dt).astype(self.dtype)
+    return k, v, jnp.zeros((b, p), f32)
 
 
 def write_block(arr, layer, slots, x, spec: CacheSpec):
@@ -50,7 +54,7 @@ def write_block(arr, layer, slots, x, spec: CacheSpec):
     x: [B, block_frames * P, ...] rows of the block.
   """
   b = x.shape[0]
-  x = x.reshape(b, spec.block_frames, spec.frame_tokens, *x.shape[2:]).astype(arr.dtype)
+  x = x.reshape(b, spec.block_frames, spec.frame_tokens, *x.shape[2:])
   for i in range(spec.block_frames):
     upd = x[:, i][None, :, None]
     start = (layer, 0, slots[i]) + (0,) * (arr.ndim - 3)
@@ -58,9 +62,9 @@ def write_block(arr, layer, slots, x, spec: CacheSpec):
   return arr
 
 
-def block_slots(frames_written, spec: CacheSpec):
-  """Slots of the block_frames frames appended after ``frames_written`` frames."""
-  return [frame_slot(frames_written + i, spec) for i in range(spec.block_frames)]
+def block_slots(start_frame, spec: CacheSpec):
+  """Slots of the block_frames frames starting at absolute frame ``start_frame``."""
+  return [frame_slot(start_frame + i, spec) for i in range(spec.block_frames)]
 
 
 def empty_attention(q):
@@ -79,18 +83,18 @@ class BF16(CacheMethod):
   def init(self, spec: CacheSpec) -> DenseState:
     shape = (spec.num_layers, spec.batch, spec.capacity_frames, spec.frame_tokens,
              spec.num_heads, spec.head_dim)
-    return DenseState(k=jnp.zeros(shape, spec.dtype), v=jnp.zeros(shape, spec.dtype),
+    sd = storage_dtype(spec.dtype)
+    return DenseState(k=jnp.zeros(shape, sd), v=jnp.zeros(shape, sd),
                       frames=jnp.zeros((spec.num_layers,), jnp.int32), spec=spec)
 
   def append(self, state: DenseState, layer, k, v, info: AppendInfo) -> DenseState:
     spec = state.spec
     if spec.capacity_frames == 0:
       return state
-    n = state.frames[layer]
-    slots = block_slots(n, spec)
-    return state.replace(k=write_block(state.k, layer, slots, k, spec),
-                         v=write_block(state.v, layer, slots, v, spec),
-                         frames=state.frames.at[layer].add(spec.block_frames))
+    slots = block_slots(info.start_frame, spec)
+    return state.replace(k=write_block(state.k, layer, slots, to_storage(k, spec.dtype), spec),
+                         v=write_block(state.v, layer, slots, to_storage(v, spec.dtype), spec),
+                         frames=state.frames.at[layer].set(info.start_frame + spec.block_frames))
 
   def attend(self, state: DenseState, layer, q, impl: str = 'auto'):
     if state.spec.capacity_frames == 0:
@@ -100,8 +104,8 @@ class BF16(CacheMethod):
   def materialize(self, state: DenseState, layer):
     spec = state.spec
     _, b, c, p, n, h = state.k.shape
-    k = state.k[layer].reshape(b, c * p, n, h)
-    v = state.v[layer].reshape(b, c * p, n, h)
+    k = from_storage(state.k[layer], spec.dtype).reshape(b, c * p, n, h)
+    v = from_storage(state.v[layer], spec.dtype).reshape(b, c * p, n, h)
     valid = jnp.arange(c) < valid_frames(state.frames[layer], spec)
     bias = jnp.where(jnp.repeat(valid, p), 0.0, -jnp.inf).astype(f32)
     return k, v, jnp.broadcast_to(bias, (b, c * p))

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kvjax.cache.base import AppendInfo, ordered_after
 from kvjax.kernels import reference as attn_ref
 from kvjax.model import rope
 from kvjax.model.config import WanConfig
@@ -207,8 +208,9 @@ class WanDiT(nnx.Module):
   def _run_blocks(self, x, e0, cross_kv, cos_sin, make_attn, carry_init=None, update=None):
     """Scans the stacked blocks.
 
-    make_attn(layer, carry) -> SelfAttnFn for that layer; update(layer, carry, k, v) -> carry
-    (the per-layer cache write of the context pass) or None.
+    make_attn(layer, carry) -> SelfAttnFn for that layer; update(layer, carry, k, v, token)
+    -> carry (the per-layer cache write of the context pass) or None; ``token`` is a scalar of
+    the layer's output, to order the write after the layer's reads.
     """
     gdef, state = nnx.split(self.blocks)
     layers = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
@@ -219,7 +221,7 @@ class WanDiT(nnx.Module):
       blk = nnx.merge(gdef, layer_state)
       x, k, v = blk(x, e0, (ck, cv), cos_sin, make_attn(layer, extra))
       if update is not None:
-        extra = update(layer, extra, k, v)
+        extra = update(layer, extra, k, v, x.reshape(-1)[0].astype(f32))
       return (x, extra), None
 
     (x, extra), _ = jax.lax.scan(body, (x, carry_init), (state, *cross_kv, layers))
@@ -241,7 +243,7 @@ class WanDiT(nnx.Module):
       start_frame: absolute index of the block's first frame (int32, may be traced).
       cache, method: cache state and its method (None: no history).
       write: append the block's K/V to the cache (the clean context pass).
-      info: passed to ``method.append``.
+      info: AppendInfo passed to ``method.append`` (default: AppendInfo(start_frame)).
       predict: compute the head (the flow prediction); False skips it (context pass).
     Returns:
       (v [B, F, C, h, w] float32 flow prediction or None, cache).
@@ -269,8 +271,11 @@ class WanDiT(nnx.Module):
       if method is None:
         raise ValueError('write=True needs a cache method')
 
-      def update(layer, state, k, v):
-        return method.append(state, layer, k, v, info)
+      base_info = info if info is not None else AppendInfo(start_frame=start_frame)
+
+      def update(layer, state, k, v, token):
+        start = ordered_after(base_info.start_frame, token)
+        return method.append(state, layer, k, v, base_info._replace(start_frame=start))
 
     x_out, new_cache = self._run_blocks(tokens, e0, cross_kv, cos_sin, make_attn,
                                         carry_init=cache if write else None, update=update)

@@ -1,0 +1,3 @@
+"""Fidelity metrics against a reference rollout (latent space; video metrics arrive with the VAE)."""
+
+from kvjax.metrics.latent import latent_fidelity, per_frame_curves, psnr, rel_l2

@@ -1,0 +1,321 @@
+"""What ``python -m kvjax.launch`` does, as plain functions: resolve + validate, plan, generate.
+
+Every input is validated in ``resolve`` before any weights are created or anything is compiled;
+``generate`` writes its outputs into a staging directory that is renamed to ``outdir`` only when
+everything succeeded, so a failed or killed run never leaves a half-written result directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from kvjax import cache as kvcache
+from kvjax import checkpoint as ckpt
+from kvjax import kernels
+from kvjax import metrics
+from kvjax.cache.base import CacheMethod, CacheSpec
+from kvjax.model import WanConfig, count_params
+from kvjax.sampler import Noise, SamplerConfig, SelfForcing, load_noise, make_noise, noise_shapes
+
+REFERENCES = ('bf16', 'torch', 'none')
+TEXT_SEED_OFFSET = 7919  # random text states of the built-in default come from seed + this
+
+
+@dataclasses.dataclass
+class RunSettings:
+  """A fully validated run."""
+  config_name: str
+  config: dict
+  model_cfg: WanConfig
+  sampler_cfg: SamplerConfig
+  method: CacheMethod
+  spec: CacheSpec
+  batch: int
+  frames: int
+  height: int
+  width: int
+  seed: int
+  weight_seed: int
+  impl: str
+  reference: str
+  checkpoint: str | None
+  noise: Noise | None
+  text_states: np.ndarray | None
+  outdir: str | None
+
+
+def _load_text_states(path: str, model_cfg: WanConfig) -> np.ndarray:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'text states file not found: {path}')
+  try:
+    arr = np.load(path, allow_pickle=False)
+  except Exception as e:
+    raise ValueError(f'text states file {path} is not a readable .npy array: {e}') from None
+  if not isinstance(arr, np.ndarray) or arr.ndim != 3:
+    raise ValueError(f'text states {path}: expected [B, L, {model_cfg.text_dim}], got shape '
+                     f'{getattr(arr, "shape", None)}')
+  if arr.shape[2] != model_cfg.text_dim:
+    raise ValueError(f'text states {path}: width {arr.shape[2]} != the model text_dim '
+                     f'{model_cfg.text_dim}')
+  if arr.shape[1] < 1:
+    raise ValueError(f'text states {path}: empty sequence')
+  arr = arr.astype(np.float32)
+  if not np.all(np.isfinite(arr)):
+    raise ValueError(f'text states {path}: contains NaN or Inf')
+  return arr
+
+
+def _check_outdir(outdir: str | None) -> None:
+  if outdir and os.path.exists(outdir):
+    if not os.path.isdir(outdir):
+      raise FileExistsError(f'--outdir {outdir} exists and is not a directory')
+    if os.listdir(outdir):
+      raise FileExistsError(f'--outdir {outdir} exists and is not empty; refusing to overwrite '
+                            'a previous result (choose a new directory or remove it)')
+
+
+def resolve(config: ml_collections.ConfigDict, *, method: str = 'bf16',
+            checkpoint: str | None = None, seed: int | None = None,
+            num_latent_frames: int | None = None, impl: str = 'auto', reference: str = 'bf16',
+            noise_file: str | None = None, text_states: str | None = None,
+            compute_dtype: str | None = None, window_frames: int | None = None,
+            sink_frames: int | None = None, outdir: str | None = None,
+            method_overrides: dict | None = None) -> RunSettings:
+  """Validates every input and returns the run to execute; raises ValueError/FileNotFoundError."""
+  m = kvcache.get(method, **(method_overrides or {}))
+  if impl not in kernels.IMPLS:
+    raise ValueError(f'unknown --impl {impl!r}; valid: {list(kernels.IMPLS)}')
+  kernels.resolve_impl(impl)
+  if reference not in REFERENCES:
+    raise ValueError(f'unknown --reference {reference!r}; valid: {list(REFERENCES)}')
+  if reference == 'torch':
+    try:
+      import diffusers  # noqa: F401
+      import torch  # noqa: F401
+    except ImportError:
+      raise ValueError('--reference=torch needs torch and diffusers: pip install -e ".[torch]"')
+
+  config = ml_collections.ConfigDict(config.to_dict())
+  if checkpoint is not None:
+    model_cfg = ckpt.read_config(checkpoint)
+    model_cfg = model_cfg.replace(compute_dtype=config.model.compute_dtype)
+  else:
+    model_cfg = WanConfig.from_dict(config.model)
+  if compute_dtype is not None:
+    if compute_dtype not in ('float32', 'bfloat16'):
+      raise ValueError(f'--compute_dtype must be float32 or bfloat16 (got {compute_dtype!r})')
+    model_cfg = model_cfg.replace(compute_dtype=compute_dtype)
+  if model_cfg.compute_dtype == 'float32' and model_cfg.param_dtype == 'bfloat16' and not checkpoint:
+    model_cfg = model_cfg.replace(param_dtype='float32')
+  sampler_cfg = SamplerConfig.from_dict(config.sampler)
+  bf = sampler_cfg.block_frames
+
+  batch = int(config.video.batch_size)
+  frames = int(config.video.num_latent_frames)
+  height, width = int(config.video.latent_height), int(config.video.latent_width)
+  noise = None
+  if noise_file is not None:
+    noise = load_noise(noise_file, sampler_cfg, model_cfg.in_dim)
+    batch, frames, _, height, width = noise.initial.shape
+    if num_latent_frames is not None and num_latent_frames != frames:
+      raise ValueError(f'--num_latent_frames={num_latent_frames} contradicts the noise file '
+                       f'({frames} frames)')
+  elif num_latent_frames is not None:
+    frames = int(num_latent_frames)
+  if frames < bf or frames % bf:
+    raise ValueError(f'num_latent_frames={frames} is not a positive multiple of the block '
+                     f'({bf} latent frames)')
+  if frames > model_cfg.rope_max_frames:
+    raise ValueError(f'num_latent_frames={frames} exceeds the RoPE table '
+                     f'({model_cfg.rope_max_frames} frames)')
+  _, ph, pw = model_cfg.patch_size
+  if height % ph or width % pw:
+    raise ValueError(f'latent size {height}x{width} is not divisible by the patch {ph}x{pw}')
+
+  texts = None
+  if text_states is not None:
+    texts = _load_text_states(text_states, model_cfg)
+    if texts.shape[0] != batch:
+      raise ValueError(f'text states batch {texts.shape[0]} != latent batch {batch}')
+
+  window = int(config.cache.window_frames if window_frames is None else window_frames)
+  sink = int(config.cache.sink_frames if sink_frames is None else sink_frames)
+  if window == -1:
+    window = frames
+  if window < 1:
+    raise ValueError(f'window_frames must be -1 (all frames) or >= 1 (got {window})')
+  if window < bf:
+    raise ValueError(f'window_frames={window} is smaller than a block ({bf} frames)')
+  window = min(window, frames)
+  spec = CacheSpec(batch=batch, num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
+                   head_dim=model_cfg.head_dim,
+                   frame_tokens=(height // ph) * (width // pw), block_frames=bf,
+                   window_frames=window, sink_frames=sink, dtype=model_cfg.cdtype)
+  config.video.num_latent_frames = frames
+  config.video.batch_size = batch
+  config.video.latent_height, config.video.latent_width = height, width
+  config.cache.window_frames, config.cache.sink_frames = window, sink
+  config.model = ml_collections.ConfigDict(model_cfg.to_dict())
+  _check_outdir(outdir)
+  return RunSettings(
+      config_name=str(config.get('name', '?')), config=config.to_dict(), model_cfg=model_cfg,
+      sampler_cfg=sampler_cfg, method=m, spec=spec, batch=batch, frames=frames, height=height,
+      width=width, seed=int(config.seed if seed is None else seed),
+      weight_seed=int(config.get('weight_seed', 0)), impl=impl, reference=reference,
+      checkpoint=checkpoint, noise=noise, text_states=texts, outdir=outdir)
+
+
+def _memory(compiled) -> dict[str, Any]:
+  ma = compiled.memory_analysis()
+  keys = ('argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes',
+          'alias_size_in_bytes', 'generated_code_size_in_bytes', 'peak_memory_in_bytes')
+  return {k: int(getattr(ma, k)) for k in keys if hasattr(ma, k)}
+
+
+def plan(s: RunSettings) -> dict[str, Any]:
+  """Sizes and compiled memory of the run from abstract shapes only (no weights allocated)."""
+  abstract = ckpt.abstract_params(s.model_cfg)
+  sf = SelfForcing(s.model_cfg, s.sampler_cfg, s.method, s.spec, latent_hw=(s.height, s.width),
+                   impl=s.impl, graphdef=ckpt.graphdef(s.model_cfg))
+  cache_abs = jax.eval_shape(lambda: s.method.init(s.spec))
+  kv = s.method.nbytes(cache_abs)
+  t0 = time.perf_counter()
+  lowered = sf.lower(abstract, s.model_cfg.text_len, s.model_cfg.text_dim)
+  den, ctx = lowered['denoise'].compile(), lowered['context'].compile()
+  compile_s = time.perf_counter() - t0
+  return dict(
+      config=s.config_name, method=s.method.name, method_params=s.method.params(),
+      backend=jax.default_backend(), params=count_params(abstract),
+      param_bytes=kvcache.tree_nbytes(abstract), frames=s.frames,
+      frame_tokens=s.spec.frame_tokens, window_frames=s.spec.window_frames,
+      sink_frames=s.spec.sink_frames, cache_capacity_frames=s.spec.capacity_frames,
+      bf16_kv_cache_bytes=s.spec.bf16_bytes(), kv_cache_bytes=kv,
+      compression_ratio=s.spec.bf16_bytes() / kv if kv else None,
+      denoise_step=_memory(den), context_pass=_memory(ctx), compile_s=round(compile_s, 3))
+
+
+def _progress(enabled: bool):
+  if not enabled:
+    return contextlib.nullcontext(None)
+  from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+  return Progress(TextColumn('{task.description}'), BarColumn(), TextColumn('{task.completed}/{task.total} blocks'),
+                  TimeElapsedColumn(), transient=False)
+
+
+def _rollout(s: RunSettings, method: CacheMethod, params, noise, texts, graphdef, label, bar):
+  sf = SelfForcing(s.model_cfg, s.sampler_cfg, method, s.spec, latent_hw=(s.height, s.width),
+                   impl=s.impl, graphdef=graphdef)
+  task = None
+  if bar is not None:
+    task = bar.add_task(label, total=s.frames // s.sampler_cfg.block_frames)
+  cb = (lambda b, n: bar.update(task, completed=b + 1)) if bar is not None else None
+  return sf.rollout(params, noise, texts, on_block=cb)
+
+
+def _peak_memory() -> int | None:
+  try:
+    stats = jax.devices()[0].memory_stats()
+  except Exception:
+    return None
+  return int(stats['peak_bytes_in_use']) if stats and 'peak_bytes_in_use' in stats else None
+
+
+def default_outdir(s: RunSettings) -> str:
+  stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+  return os.path.join('runs', f'{stamp}_{s.config_name}_{s.method.name.lower()}_seed{s.seed}')
+
+
+def generate(s: RunSettings, *, progress: bool = True, log=print) -> dict[str, Any]:
+  """Runs the rollout (and its reference) and writes the result directory atomically."""
+  outdir = s.outdir or default_outdir(s)
+  _check_outdir(outdir)
+  gdef = ckpt.graphdef(s.model_cfg)
+  if s.checkpoint:
+    _, params = ckpt.load(s.checkpoint, param_dtype=s.model_cfg.param_dtype)
+  else:
+    params = ckpt.init_params(s.model_cfg, s.weight_seed)
+  noise = s.noise if s.noise is not None else make_noise(
+      s.seed, s.batch, s.frames, s.model_cfg.in_dim, s.height, s.width, s.sampler_cfg)
+  texts = s.text_states
+  if texts is None:
+    key = jax.random.key(s.seed + TEXT_SEED_OFFSET)
+    texts = np.asarray(jax.random.normal(key, (s.batch, s.model_cfg.text_len, s.model_cfg.text_dim)))
+
+  with _progress(progress) as bar:
+    latents, cache, stats = _rollout(s, s.method, params, noise, texts, gdef, s.method.name, bar)
+    if not np.all(np.isfinite(latents)):
+      raise FloatingPointError(f'{s.method.name}: the rollout produced NaN/Inf latents')
+    peak = _peak_memory()
+    ref, ref_info = None, None
+    if s.reference == 'bf16' and s.method.name != 'BF16':
+      ref, _, rstats = _rollout(s, kvcache.get('BF16'), params, noise, texts, gdef,
+                                'BF16 reference', bar)
+      ref_info = dict(kind='bf16', runtime_s=rstats.runtime_s, compile_s=rstats.compile_s)
+    elif s.reference == 'torch':
+      from kvjax import reference_torch
+      t0 = time.perf_counter()
+      tm = reference_torch.build_diffusers(s.model_cfg, ckpt.to_nested(params))
+      ref = reference_torch.recompute_rollout(tm, noise, texts, s.sampler_cfg,
+                                              s.spec.window_frames, s.spec.sink_frames)
+      ref_info = dict(kind='torch', runtime_s=time.perf_counter() - t0,
+                      note='diffusers WanTransformer3DModel, float32, block-causal recompute')
+
+  kv = s.method.nbytes(cache)
+  bf16 = s.spec.bf16_bytes()
+  result: dict[str, Any] = dict(
+      method=s.method.name, method_params=s.method.params(), config=s.config_name,
+      checkpoint=s.checkpoint, seed=s.seed, frames=s.frames, batch=s.batch,
+      latent_shape=list(latents.shape), params=count_params(params),
+      kv_cache_bytes=kv, bf16_kv_cache_bytes=bf16,
+      compression_ratio=(bf16 / kv) if kv else None,
+      runtime_s=stats.runtime_s, compile_s=stats.compile_s, dit_calls=stats.dit_calls,
+      peak_memory_bytes=peak, impl=s.impl, backend=jax.default_backend(),
+      device=str(jax.devices()[0]), jax_version=jax.__version__, reference=ref_info,
+      window_frames=s.spec.window_frames, sink_frames=s.spec.sink_frames,
+      compute_dtype=s.model_cfg.compute_dtype, config_full=s.config)
+  if ref is not None:
+    result.update(metrics.latent_fidelity(latents, ref))
+  curves = metrics.per_frame_curves(latents, ref)
+  _write_atomic(outdir, result, latents, curves)
+  result['outdir'] = outdir
+  return result
+
+
+def _json_default(o):
+  if isinstance(o, (np.floating, np.integer)):
+    return o.item()
+  if isinstance(o, (tuple, set)):
+    return list(o)
+  return str(o)
+
+
+def _write_atomic(outdir: str, result: dict, latents: np.ndarray, curves: dict) -> None:
+  import pandas as pd
+  outdir = os.path.abspath(outdir)
+  parent = os.path.dirname(outdir)
+  os.makedirs(parent, exist_ok=True)
+  stage = tempfile.mkdtemp(prefix=f'.{os.path.basename(outdir)}.partial-', dir=parent)
+  try:
+    np.save(os.path.join(stage, 'latents.npy'), latents)
+    pd.DataFrame(curves).to_csv(os.path.join(stage, 'curves.csv'), index=False)
+    with open(os.path.join(stage, 'result.json'), 'w') as f:
+      json.dump(result, f, indent=2, default=_json_default)
+    if os.path.isdir(outdir):
+      os.rmdir(outdir)  # empty (checked before the run); fails loudly if something appeared
+    os.rename(stage, outdir)
+  except BaseException:
+    shutil.rmtree(stage, ignore_errors=True)
+    raise
