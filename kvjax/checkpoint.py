@@ -44,13 +44,13 @@ def init_params(cfg: WanConfig, seed: int = 0) -> nnx.State:
 def params_from_nested(cfg: WanConfig, nested: Mapping) -> nnx.State:
   """nnx.State from a nested mapping of arrays with exactly the model's structure."""
   state = abstract_params(cfg)
-  state.replace_by_pure_dict(jax.tree.map(lambda a: jnp.asarray(a), dict(nested)))
+  nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a), dict(nested)))
   return state
 
 
 def to_nested(params: nnx.State) -> dict:
   """Pure nested dict of numpy arrays (for ports and the torch reference)."""
-  return jax.tree.map(np.asarray, params.to_pure_dict())
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(params))
 
 
 def cast(params: nnx.State, dtype) -> nnx.State:
@@ -65,7 +65,7 @@ def save(directory: str, cfg: WanConfig, params: nnx.State, extra: Mapping[str, 
     raise FileExistsError(f'checkpoint directory already exists: {directory}')
   os.makedirs(directory)
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(directory, 'params'), params.to_pure_dict())
+    ckptr.save(os.path.join(directory, 'params'), nnx.to_pure_dict(params))
     ckptr.wait_until_finished()
   meta = dict(format=FORMAT, model=cfg.to_dict(), **(extra or {}))
   with open(os.path.join(directory, 'config.json'), 'w') as f:
@@ -103,9 +103,9 @@ def load(directory: str, param_dtype=None) -> tuple[WanConfig, nnx.State]:
     raise FileNotFoundError(f'{directory}: missing params/ (incomplete or corrupt checkpoint)')
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      restored = ckptr.restore(pdir, target.to_pure_dict())
+      restored = ckptr.restore(pdir, nnx.to_pure_dict(target))
   except Exception as e:  # orbax raises many types; name the file and re-raise as ValueError.
     raise ValueError(f'{directory}: cannot restore parameters ({type(e).__name__}: {e})') from e
   state = abstract_params(cfg)
-  state.replace_by_pure_dict(restored)
+  nnx.replace_by_pure_dict(state, restored)
   return cfg, state

@@ -45,7 +45,7 @@ def build_diffusers(cfg: WanConfig, params: Mapping | None = None, seed: int = 0
   model = WanTransformer3DModel(**diffusers_config(cfg)).float().eval()
   if params is not None:
     sd = dit_port.original_to_diffusers(dit_port.params_to_original(params))
-    sd = {k: torch.from_numpy(np.ascontiguousarray(np.asarray(v, np.float32))) for k, v in sd.items()}
+    sd = {k: torch.from_numpy(np.array(v, np.float32, copy=True)) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True)
   return model
 
@@ -88,7 +88,7 @@ def forward(model, x: np.ndarray, t: np.ndarray, text_states: np.ndarray) -> np.
   with torch.no_grad():
     out = model(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3, 4), np.float32)),
                 torch.from_numpy(per_tok),
-                torch.from_numpy(np.asarray(text_states, np.float32)), return_dict=False)[0]
+                torch.from_numpy(np.array(text_states, np.float32, copy=True)), return_dict=False)[0]
   return out.numpy().transpose(0, 2, 1, 3, 4)
 
 

@@ -178,13 +178,6 @@ def resolve(config: ml_collections.ConfigDict, *, method: str = 'bf16',
       checkpoint=checkpoint, noise=noise, text_states=texts, outdir=outdir)
 
 
-def _memory(compiled) -> dict[str, Any]:
-  ma = compiled.memory_analysis()
-  keys = ('argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes',
-          'alias_size_in_bytes', 'generated_code_size_in_bytes', 'peak_memory_in_bytes')
-  return {k: int(getattr(ma, k)) for k in keys if hasattr(ma, k)}
-
-
 def plan(s: RunSettings) -> dict[str, Any]:
   """Sizes and compiled memory of the run from abstract shapes only (no weights allocated)."""
   abstract = ckpt.abstract_params(s.model_cfg)
@@ -196,6 +189,14 @@ def plan(s: RunSettings) -> dict[str, Any]:
   lowered = sf.lower(abstract, s.model_cfg.text_len, s.model_cfg.text_dim)
   den, ctx = lowered['denoise'].compile(), lowered['context'].compile()
   compile_s = time.perf_counter() - t0
+  steps = {}
+  for name, c in (('denoise_step', den), ('context_pass', ctx)):
+    steps[name] = metrics.compiled_memory(c)
+    text = c.as_text()
+    steps[name]['full_extent_float_cache_arrays'] = metrics.full_extent_float_arrays(
+        text, s.spec.capacity_frames, s.spec.frame_tokens) if s.spec.capacity_frames else []
+    if jax.default_backend() == 'cpu':
+      steps[name]['cpu_weight_upcast_bytes'] = metrics.memory.cpu_weight_upcast_bytes(text, abstract)
   return dict(
       config=s.config_name, method=s.method.name, method_params=s.method.params(),
       backend=jax.default_backend(), params=count_params(abstract),
@@ -204,7 +205,7 @@ def plan(s: RunSettings) -> dict[str, Any]:
       sink_frames=s.spec.sink_frames, cache_capacity_frames=s.spec.capacity_frames,
       bf16_kv_cache_bytes=s.spec.bf16_bytes(), kv_cache_bytes=kv,
       compression_ratio=s.spec.bf16_bytes() / kv if kv else None,
-      denoise_step=_memory(den), context_pass=_memory(ctx), compile_s=round(compile_s, 3))
+      **steps, compile_s=round(compile_s, 3))
 
 
 def _progress(enabled: bool):

@@ -205,7 +205,6 @@ def original_to_params(sd: Mapping[str, np.ndarray], expected: Mapping,
     PortError naming the first missing/unexpected key or wrong shape.
   """
   want = flat_paths(expected)
-  num_layers = None
   out: dict = {}
   consumed: set[str] = set()
   for path, shp in want.items():
@@ -215,9 +214,15 @@ def original_to_params(sd: Mapping[str, np.ndarray], expected: Mapping,
       val = TRANSFORMS[tf][0](val)
     elif path in LAYER_KEYS:
       pattern, tf = LAYER_KEYS[path]
-      num_layers = shp[0] if num_layers is None else num_layers
-      val = np.stack([TRANSFORMS[tf][0](_take(sd, pattern.format(i=i), consumed))
-                      for i in range(shp[0])])
+      layers = []
+      for i in range(shp[0]):
+        key = pattern.format(i=i)
+        t = TRANSFORMS[tf][0](_take(sd, key, consumed))
+        if tuple(t.shape) != shp[1:]:
+          raise PortError(f'{key} -> {path}[{i}]: shape {tuple(t.shape)} after transform, '
+                          f'expected {shp[1:]} (wrong model size or a transposed tensor?)')
+        layers.append(t)
+      val = np.stack(layers)
     else:
       raise PortError(f'kvjax parameter {path!r} has no entry in the key table')
     if tuple(val.shape) != shp:

@@ -1,0 +1,26 @@
+# kvjax: `make demo` sets up and runs the default job; `make test` sets up and runs the tests.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= torch,test
+
+.PHONY: setup demo test plan clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) -m kvjax.launch --method=bf16
+
+test: setup
+	$(PY) -m pytest -q
+
+plan: setup
+	$(PY) -m kvjax.launch --config=configs/self_forcing.py:wan2.1_t2v_1.3b --method=bf16 --plan
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,60 @@
+"""Memory probes: compiled memory analysis and an HLO audit for full-size copies of the cache."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+_ELEM = re.compile(r'\b(f64|f32|bf16|f16|f8e4m3fn|f8e5m2)\[([0-9,]*)\]')
+
+
+def compiled_memory(compiled) -> dict[str, int]:
+  """The fields of ``compiled.memory_analysis()`` as a dict of ints."""
+  ma = compiled.memory_analysis()
+  keys = ('argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes',
+          'alias_size_in_bytes', 'generated_code_size_in_bytes', 'peak_memory_in_bytes')
+  return {k: int(getattr(ma, k)) for k in keys if hasattr(ma, k)}
+
+
+def full_extent_float_arrays(hlo_text: str, capacity_frames: int, frame_tokens: int) -> list[str]:
+  """Float array shapes in (optimized) HLO text that span the cache's whole token extent.
+
+  An array spans the cache if its dims contain ``capacity_frames`` immediately followed by
+  ``frame_tokens`` (the frame-slot layout) or the flattened ``capacity_frames * frame_tokens``.
+  Such an array is a float copy (dequantized or upcast) of a whole layer's (or all layers')
+  history: the thing kvjax must never build. Use distinctive sizes in tests to avoid chance
+  matches.
+
+  Returns:
+    Sorted unique offending type strings, e.g. ['f32[2,1,7,20,2,32]'].
+  """
+  bad = set()
+  flat = capacity_frames * frame_tokens
+  for m in _ELEM.finditer(hlo_text):
+    dims = [int(d) for d in m.group(2).split(',') if d]
+    pairs = any(a == capacity_frames and b == frame_tokens for a, b in zip(dims, dims[1:]))
+    if pairs or flat in dims:
+      bad.add(m.group(0))
+  return sorted(bad)
+
+
+def cpu_weight_upcast_bytes(hlo_text: str, params) -> int:
+  """Estimated bytes of float32 copies of bf16 layer-stacked weights in a CPU executable.
+
+  XLA CPU normalizes bf16 dynamic slices to float32 and hoists the conversion of every
+  layer-stacked bf16 weight out of the layer scan (one float32 copy per leaf). GPUs keep bf16.
+  Counts each bf16 leaf of ``params`` with >= 2 dims whose float32 shape appears in the HLO.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  total = 0
+  for leaf in jax.tree.leaves(params):
+    if leaf.dtype == jnp.bfloat16 and len(leaf.shape) >= 2:
+      if f'f32[{",".join(map(str, leaf.shape))}]' in hlo_text:
+        total += int(np.prod(leaf.shape)) * 4
+  return total
+
+
+def summary(d: dict[str, Any]) -> str:
+  return ', '.join(f'{k.replace("_size_in_bytes", "")}={v / 2**20:.1f}MiB' for k, v in d.items())

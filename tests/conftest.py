@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny float32 Wan DiT, its diffusers twin with identical weights."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.self_forcing import get_config
+from kvjax import checkpoint as ckpt
+from kvjax.model import WanConfig
+from kvjax.sampler import SamplerConfig
+
+HAS_TORCH = (importlib.util.find_spec('torch') is not None
+             and importlib.util.find_spec('diffusers') is not None)
+requires_torch = pytest.mark.skipif(not HAS_TORCH, reason='needs the torch extra')
+
+
+def tiny_config(**kw) -> WanConfig:
+  base = WanConfig.from_dict(get_config('tiny').model)
+  return base.replace(**{**dict(compute_dtype='float32', param_dtype='float32', text_len=8), **kw})
+
+
+@pytest.fixture(scope='session')
+def cfg32() -> WanConfig:
+  return tiny_config()
+
+
+@pytest.fixture(scope='session')
+def sampler_cfg() -> SamplerConfig:
+  return SamplerConfig.from_dict(get_config('tiny').sampler)
+
+
+@pytest.fixture(scope='session')
+def torch_twin(cfg32):
+  """(diffusers model with random torch init, the same weights as kvjax params)."""
+  if not HAS_TORCH:
+    pytest.skip('needs the torch extra')
+  from kvjax import reference_torch as rt
+  from ports import dit as dit_port
+  model = rt.build_diffusers(cfg32, seed=0)
+  sd = dit_port.diffusers_to_original(rt.state_dict_numpy(model))
+  nested = dit_port.original_to_params(sd, nnx.to_pure_dict(ckpt.abstract_params(cfg32)))
+  return model, ckpt.params_from_nested(cfg32, nested)
+
+
+@pytest.fixture(scope='session')
+def text32(cfg32):
+  rng = np.random.default_rng(123)
+  return rng.standard_normal((1, cfg32.text_len, cfg32.text_dim)).astype(np.float32)
+
+
+def rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
