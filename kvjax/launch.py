@@ -23,6 +23,8 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), 'self_forcing.
 config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Config file and variant (path:variant).',
                                 lock_config=True)
 flags.DEFINE_string('method', 'bf16', 'Cache method name or alias (see --list_methods).')
+flags.DEFINE_string('method_args', None, "Method parameter overrides 'key=value,...' "
+                    '(e.g. clamp_zero_point=false); see --list_methods.')
 flags.DEFINE_string('checkpoint', None, 'Converted DiT checkpoint directory (ports.convert).')
 flags.DEFINE_integer('seed', None, 'Noise seed (default: config.seed).')
 flags.DEFINE_integer('num_latent_frames', None, 'Latent frames to generate (multiple of the block).')
@@ -68,7 +70,8 @@ def main(argv):
         num_latent_frames=FLAGS.num_latent_frames, impl=FLAGS.impl, reference=FLAGS.reference,
         noise_file=FLAGS.noise_file, text_states=FLAGS.text_states,
         compute_dtype=FLAGS.compute_dtype, window_frames=FLAGS.window_frames,
-        sink_frames=FLAGS.sink_frames, outdir=None if FLAGS.plan else FLAGS.outdir)
+        sink_frames=FLAGS.sink_frames, outdir=None if FLAGS.plan else FLAGS.outdir,
+        method_args=FLAGS.method_args)
   except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -93,9 +93,12 @@ def resolve(config: ml_collections.ConfigDict, *, method: str = 'bf16',
             noise_file: str | None = None, text_states: str | None = None,
             compute_dtype: str | None = None, window_frames: int | None = None,
             sink_frames: int | None = None, outdir: str | None = None,
-            method_overrides: dict | None = None) -> RunSettings:
-  """Validates every input and returns the run to execute; raises ValueError/FileNotFoundError."""
-  m = kvcache.get(method, **(method_overrides or {}))
+            method_args: str | None = None) -> RunSettings:
+  """Validates every input and returns the run to execute; raises ValueError/FileNotFoundError.
+
+  ``method_args`` overrides method parameters: 'key=value,key=value' (see --list_methods).
+  """
+  m = kvcache.get(method, **kvcache.parse_overrides(method, method_args))
   if impl not in kernels.IMPLS:
     raise ValueError(f'unknown --impl {impl!r}; valid: {list(kernels.IMPLS)}')
   kernels.resolve_impl(impl)
@@ -163,7 +166,8 @@ def resolve(config: ml_collections.ConfigDict, *, method: str = 'bf16',
   spec = CacheSpec(batch=batch, num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
                    head_dim=model_cfg.head_dim,
                    frame_tokens=(height // ph) * (width // pw), block_frames=bf,
-                   window_frames=window, sink_frames=sink, dtype=model_cfg.cdtype)
+                   window_frames=window, sink_frames=sink, dtype=model_cfg.cdtype,
+                   total_frames=frames)
   config.video.num_latent_frames = frames
   config.video.batch_size = batch
   config.video.latent_height, config.video.latent_width = height, width

@@ -33,6 +33,8 @@ class CacheSpec:
     window_frames: frames visible to a block, its own included (>= block_frames).
     sink_frames: first frames never evicted.
     dtype: dtype of unquantized K/V (the compute dtype).
+    total_frames: latent frames of the whole rollout (0 = unknown); methods whose definition
+      refers to the study's whole-video buffer (positional tiers, buffer-wide statistics) need it.
   """
   batch: int
   num_layers: int
@@ -43,6 +45,7 @@ class CacheSpec:
   window_frames: int
   sink_frames: int = 0
   dtype: Any = jnp.bfloat16
+  total_frames: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, 'dtype', jnp.dtype(self.dtype))
@@ -52,12 +55,19 @@ class CacheSpec:
     if self.window_frames < self.block_frames:
       raise ValueError(f'window_frames={self.window_frames} is smaller than a block '
                        f'({self.block_frames} frames): a block must at least see itself')
+    if self.total_frames < 0:
+      raise ValueError(f'total_frames must be >= 0 (got {self.total_frames})')
     if self.sink_frames < 0:
       raise ValueError(f'sink_frames must be >= 0 (got {self.sink_frames})')
     if self.sink_frames and self.sink_frames >= self.capacity_frames:
       raise ValueError(
           f'sink_frames={self.sink_frames} leaves no rolling history: need sink_frames < '
           f'window_frames - block_frames = {self.capacity_frames}')
+
+  def require_total_frames(self, who: str) -> int:
+    if self.total_frames <= 0:
+      raise ValueError(f'{who} needs CacheSpec.total_frames (the rollout length in latent frames)')
+    return self.total_frames
 
   @property
   def capacity_frames(self) -> int:

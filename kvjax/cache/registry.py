@@ -25,6 +25,49 @@ def register(cls: type[CacheMethod]) -> type[CacheMethod]:
   return cls
 
 
+def variant(base: type[CacheMethod], name: str, aliases: tuple[str, ...], description: str,
+            **defaults: Any) -> type[CacheMethod]:
+  """A registered subclass of ``base`` named ``name`` whose parameters default to ``defaults``."""
+  fields = {f.name: f for f in dataclasses.fields(base)}
+  unknown = sorted(set(defaults) - set(fields))
+  if unknown:
+    raise ValueError(f'{base.__name__} has no parameter(s) {unknown}')
+  cls = dataclasses.make_dataclass(
+      name, [(k, fields[k].type, dataclasses.field(default=v)) for k, v in defaults.items()],
+      bases=(base,), frozen=True)
+  cls.name, cls.aliases, cls.description = name, tuple(aliases), description
+  cls.__module__ = base.__module__
+  return register(cls)
+
+
+def parse_overrides(name: str, text: str | None) -> dict[str, Any]:
+  """Parses 'key=value,key=value' for method ``name``, coercing values to the parameters' types."""
+  if not text:
+    return {}
+  cls = _METHODS[canonical(name).upper()]
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  out: dict[str, Any] = {}
+  for item in text.split(','):
+    if '=' not in item:
+      raise ValueError(f'method argument {item!r} is not key=value')
+    key, val = (x.strip() for x in item.split('=', 1))
+    if key not in fields:
+      raise ValueError(f'{cls.name} has no parameter {key!r}; valid parameters: '
+                       f'{", ".join(sorted(fields)) or "(none)"}')
+    default = getattr(cls, key, None)
+    if isinstance(default, bool):
+      if val.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(f'{key} expects true/false (got {val!r})')
+      out[key] = val.lower() in ('true', '1')
+    elif isinstance(default, int):
+      out[key] = int(val)
+    elif isinstance(default, float):
+      out[key] = float(val)
+    else:
+      out[key] = val
+  return out
+
+
 def names() -> list[str]:
   """The canonical method names, in registration order."""
   return [cls.name for cls in _METHODS.values()]

@@ -54,19 +54,8 @@ def _scores(q, k, bias, scale):
   return s * scale + bias[:, None, None, :]
 
 
-def chunked_attention(q: jax.Array, source, *, scale: float | None = None):
-  """Softmax attention of q over every chunk of ``source``.
-
-  Args:
-    q: [B, T, N, H] queries (compute dtype).
-    source: a chunked KV source (module docstring).
-    scale: logit scale, default 1/sqrt(H).
-  Returns:
-    out: [B, T, N, H] in q's dtype (zeros where nothing was attended).
-    lse: [B, N, T] float32 log-sum-exp of the logits (-inf where nothing was attended).
-  """
-  b, t, n, h = q.shape
-  scale = (1.0 / h**0.5) if scale is None else scale
+def _walk(q, source, carry, scale):
+  """Online-softmax update of (m, l, acc) over the chunks of one source."""
 
   def body(j, carry):
     m, l, acc = carry
@@ -82,9 +71,42 @@ def chunked_attention(q: jax.Array, source, *, scale: float | None = None):
     acc = acc * corr[..., None] + pv
     return m_new, l, acc
 
-  init = (jnp.full((b, n, t), NEG_INF, f32), jnp.zeros((b, n, t), f32),
-          jnp.zeros((b, n, t, h), f32))
-  m, l, acc = jax.lax.fori_loop(0, source.num_chunks, body, init)
+  return jax.lax.fori_loop(0, source.num_chunks, body, carry)
+
+
+def chunked_attention(q: jax.Array, source, *, scale: float | None = None):
+  """Softmax attention of q over every chunk of ``source`` (one source or a sequence).
+
+  A source whose ``rotated`` attribute is True holds keys and values in the normalized Hadamard
+  basis (QuaRot): the walk uses the rotated query for it and accumulates its values in the
+  rotated basis (the accumulator is rotated in and out around that source), which equals
+  attention over the un-rotated cache because the transform is orthonormal and symmetric.
+
+  Args:
+    q: [B, T, N, H] queries (compute dtype).
+    source: a chunked KV source (module docstring), or a list/tuple of them.
+    scale: logit scale, default 1/sqrt(H).
+  Returns:
+    out: [B, T, N, H] in q's dtype (zeros where nothing was attended).
+    lse: [B, N, T] float32 log-sum-exp of the logits (-inf where nothing was attended).
+  """
+  from kvjax.cache.quant import fwht
+  b, t, n, h = q.shape
+  scale = (1.0 / h**0.5) if scale is None else scale
+  sources = [source] if hasattr(source, 'chunk') else list(source)
+  carry = (jnp.full((b, n, t), NEG_INF, f32), jnp.zeros((b, n, t), f32),
+           jnp.zeros((b, n, t, h), f32))
+  q_rot = None
+  for src in sources:
+    if getattr(src, 'rotated', False):
+      if q_rot is None:
+        q_rot = fwht(q, f32).astype(q.dtype)
+      m, l, acc = carry
+      m, l, acc = _walk(q_rot, src, (m, l, fwht(acc, f32)), scale)
+      carry = (m, l, fwht(acc, f32))
+    else:
+      carry = _walk(q, src, carry, scale)
+  m, l, acc = carry
   ok = l > 0
   out = jnp.where(ok[..., None], acc / jnp.where(ok, l, 1.0)[..., None], 0.0)
   lse = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), NEG_INF)

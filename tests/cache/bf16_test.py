@@ -84,9 +84,9 @@ def test_storage_is_real_and_counted():
   spec = _spec(dtype=jnp.bfloat16)
   m = kvcache.get('BF16')
   state = m.init(spec)
-  assert state.k.dtype == jnp.uint16          # raw bf16 bits (see cache/base.py storage_dtype)
-  assert m.nbytes(state) == state.k.nbytes + state.v.nbytes + state.frames.nbytes
-  assert spec.bf16_bytes() == state.k.nbytes + state.v.nbytes
+  assert state.k['x'].dtype == jnp.uint16     # raw bf16 bits (see cache/base.py storage_dtype)
+  assert m.nbytes(state) == state.k['x'].nbytes + state.v['x'].nbytes + state.frames.nbytes
+  assert spec.bf16_bytes() == state.k['x'].nbytes + state.v['x'].nbytes
   abstract = jax.eval_shape(lambda: m.init(spec))
   assert m.nbytes(abstract) == m.nbytes(state)
   # Values survive the bit-level storage exactly.

@@ -1,0 +1,286 @@
+"""Frame-ring caches: every history frame stored once, in one codec, in a ring of frame slots.
+
+This is the storage of BF16 and of every quantizer whose format does not depend on a frame's
+age or content ranking (RTN, KIVI, QuaRot, PRQ, QAQ, spatial mixed precision, and the exact
+recent window of the ``_RECENT`` variants). See ``base.py`` for the ring/sink layout.
+
+State (leading axis = layer):
+  k, v          codec record fields [L, B, Cq, ...] of the quantized ring (Cq frame slots)
+  recent_k/_v   [L, B, R, P, N, H] exact (compute dtype, raw bits) ring of the newest R history
+                frames (``recent_frames``; empty unless the method keeps a recent window)
+  frames        [L] int32 frames appended so far
+  stats         method-specific running statistics (QAQ sigma, spatial variance), [L, ...]
+
+Append (the context pass): the R-frame exact window shifts by one block; the frames leaving it
+(or, with R = 0, the block itself) are encoded once into the quantized ring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from kvjax import kernels
+from kvjax.cache import codecs as C
+from kvjax.cache import quant
+from kvjax.cache.base import (AppendInfo, CacheMethod, CacheSpec, from_storage, storage_dtype,
+                              to_storage)
+
+f32 = jnp.float32
+
+
+@struct.dataclass
+class RingState:
+  k: dict
+  v: dict
+  recent_k: jax.Array
+  recent_v: jax.Array
+  frames: jax.Array
+  stats: dict
+  spec: CacheSpec = struct.field(pytree_node=False)
+
+
+def ring_slot(frame, capacity: int, sink: int):
+  """Slot of absolute frame ``frame`` in a ring of ``capacity`` slots whose first ``sink`` are pinned."""
+  rolling = max(capacity - sink, 1)
+  return jnp.where(frame < sink, frame, sink + (frame - sink) % rolling)
+
+
+def _slice_frame(arr, layer, slot):
+  """arr [L, B, C, ...] -> [B, 1, ...] at (layer, :, slot)."""
+  start = (layer, 0, slot) + (0,) * (arr.ndim - 3)
+  size = (1, arr.shape[1], 1) + arr.shape[3:]
+  return jax.lax.dynamic_slice(arr, start, size)[0]
+
+
+def _write_frame(arr, layer, slot, val):
+  """Writes val [B, 1, ...] into arr [L, B, C, ...] at (layer, :, slot)."""
+  start = (layer, 0, slot) + (0,) * (arr.ndim - 3)
+  return jax.lax.dynamic_update_slice(arr, val[None].astype(arr.dtype), start)
+
+
+def read_record(fields: dict, layer, slot) -> dict:
+  return {k: _slice_frame(a, layer, slot) for k, a in fields.items()}
+
+
+def write_record(fields: dict, layer, slot, rec: dict) -> dict:
+  return {k: _write_frame(a, layer, slot, rec[k]) for k, a in fields.items()}
+
+
+class RecordSource:
+  """Chunked KV source over the first ``num_chunks`` frame slots of a ring of codec records."""
+
+  def __init__(self, kf, vf, kc: C.Codec, vc: C.Codec, layer, num_chunks, dtype, frame_tokens):
+    self.kf, self.vf, self.kc, self.vc = kf, vf, kc, vc
+    self.layer, self.num_chunks, self.dtype = layer, num_chunks, dtype
+    self.chunk_tokens = frame_tokens
+    self.rotated = kc.rotated
+    if kc.rotated != vc.rotated:
+      raise ValueError('keys and values of one store must share the rotation')
+
+  def chunk(self, j):
+    k = self.kc.decode(read_record(self.kf, self.layer, j), self.dtype)[:, 0]
+    v = self.vc.decode(read_record(self.vf, self.layer, j), self.dtype)[:, 0]
+    return k, v, jnp.zeros(k.shape[:2], f32)
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameRingMethod(CacheMethod):
+  """Generic frame-ring method; subclasses choose codecs and (optionally) aux statistics.
+
+  Attributes:
+    requantize: 'once' (kvjax: each token encoded once, when appended) or 'every_call' (the
+      study's Gen A/C hook: the whole history is decoded and re-encoded before every DiT call,
+      5 times a block; off the fast path, it needs ``refresh`` and donated caches).
+  """
+  requantize: str = 'once'
+
+  def __post_init__(self):
+    if self.requantize not in ('once', 'every_call'):
+      raise ValueError(f"requantize must be 'once' or 'every_call' (got {self.requantize!r})")
+
+  # ------------------------------------------------------------------ hooks
+  def codecs(self, spec: CacheSpec) -> tuple[C.Codec, C.Codec]:
+    raise NotImplementedError
+
+  def recent_frames(self, spec: CacheSpec) -> int:
+    """Newest history frames kept exact (a multiple of block_frames)."""
+    return 0
+
+  def init_stats(self, spec: CacheSpec) -> dict:
+    return {}
+
+  def encode_aux(self, state: RingState, layer, x_k, x_v, first_frame):
+    """(aux_k, aux_v, new_stats) for encoding frames x_k, x_v [B, F, P, N, H]."""
+    return None, None, state.stats
+
+  @property
+  def refresh_every_call(self) -> bool:
+    return self.requantize == 'every_call'
+
+  # ------------------------------------------------------------------ geometry
+  def _geometry(self, spec: CacheSpec):
+    r = self.recent_frames(spec)
+    if r % spec.block_frames:
+      raise ValueError(f'{self.name}: recent window of {r} frames is not a multiple of the block')
+    cq = spec.capacity_frames - r
+    if cq < 0:
+      raise ValueError(f'{self.name}: window_frames={spec.window_frames} leaves '
+                       f'{spec.capacity_frames} history frames, fewer than the exact recent window '
+                       f'({r} frames); use a larger window')
+    if spec.sink_frames and cq and spec.sink_frames >= cq:
+      raise ValueError(f'{self.name}: sink_frames={spec.sink_frames} leaves no rolling slot in the '
+                       f'quantized ring ({cq} frames)')
+    return r, cq
+
+  def init(self, spec: CacheSpec) -> RingState:
+    r, cq = self._geometry(spec)
+    kc, vc = self.codecs(spec)
+    b, l, p, n, h = spec.batch, spec.num_layers, spec.frame_tokens, spec.num_heads, spec.head_dim
+
+    def zeros(codec):
+      return {name: jnp.zeros((l,) + s.shape[:1] + (cq,) + s.shape[2:], s.dtype)
+              for name, s in codec.fields(b, 1, p, n, h).items()}
+
+    rshape = (l, b, r, p, n, h)
+    sd = storage_dtype(spec.dtype)
+    return RingState(k=zeros(kc), v=zeros(vc), recent_k=jnp.zeros(rshape, sd),
+                     recent_v=jnp.zeros(rshape, sd), frames=jnp.zeros((l,), jnp.int32),
+                     stats=self.init_stats(spec), spec=spec)
+
+  def _counts(self, state: RingState, layer):
+    r, cq = self._geometry(state.spec)
+    written = state.frames[layer]
+    n_recent = jnp.minimum(written, r)
+    n_q = jnp.minimum(jnp.maximum(written - r, 0), cq)
+    return n_q, n_recent
+
+  # ------------------------------------------------------------------ protocol
+  def _encode_into_ring(self, state: RingState, layer, x_k, x_v, first_frame, valid=True):
+    """Encodes frames [first_frame, first_frame + F) (x: [B, F, P, N, H]) into the ring."""
+    spec = state.spec
+    r, cq = self._geometry(spec)
+    if cq == 0:
+      return state
+    kc, vc = self.codecs(spec)
+    aux_k, aux_v, stats = self.encode_aux(state, layer, x_k, x_v, first_frame)
+    rk, rv = kc.encode(x_k, aux_k), vc.encode(x_v, aux_v)
+    kf, vf = state.k, state.v
+    for i in range(x_k.shape[1]):
+      slot = ring_slot(first_frame + i, cq, spec.sink_frames)
+      kf = write_record(kf, layer, slot, {k: a[:, i:i + 1] for k, a in rk.items()})
+      vf = write_record(vf, layer, slot, {k: a[:, i:i + 1] for k, a in rv.items()})
+    new = state.replace(k=kf, v=vf, stats=stats)
+    if valid is True:
+      return new
+    return jax.tree.map(lambda a, b: jnp.where(valid, a, b), new, state)
+
+  def append(self, state: RingState, layer, k, v, info: AppendInfo) -> RingState:
+    spec = state.spec
+    r, cq = self._geometry(spec)
+    bf, p = spec.block_frames, spec.frame_tokens
+    s = info.start_frame
+    b, _, n, h = k.shape
+    xk = k.reshape(b, bf, p, n, h)
+    xv = v.reshape(b, bf, p, n, h)
+    if r == 0:
+      state = self._encode_into_ring(state, layer, xk, xv, s)
+    else:
+      # The oldest block of the exact window moves to the quantized ring (encoded once).
+      out = s - r
+      slots = [(out + i) % r for i in range(bf)]
+      old_k = jnp.concatenate([from_storage(_slice_frame(state.recent_k, layer, sl), spec.dtype)
+                               for sl in slots], axis=1).astype(k.dtype)
+      old_v = jnp.concatenate([from_storage(_slice_frame(state.recent_v, layer, sl), spec.dtype)
+                               for sl in slots], axis=1).astype(v.dtype)
+      state = jax.lax.cond(out >= 0,
+                           lambda st: self._encode_into_ring(st, layer, old_k, old_v, out),
+                           lambda st: st, state)
+      rk, rv = state.recent_k, state.recent_v
+      for i in range(bf):
+        sl = (s + i) % r
+        rk = _write_frame(rk, layer, sl, to_storage(xk[:, i:i + 1], spec.dtype))
+        rv = _write_frame(rv, layer, sl, to_storage(xv[:, i:i + 1], spec.dtype))
+      state = state.replace(recent_k=rk, recent_v=rv)
+    return state.replace(frames=state.frames.at[layer].set(s + bf))
+
+  def sources(self, state: RingState, layer, dtype):
+    spec = state.spec
+    r, cq = self._geometry(spec)
+    kc, vc = self.codecs(spec)
+    n_q, n_recent = self._counts(state, layer)
+    out = []
+    if cq:
+      out.append(RecordSource(state.k, state.v, kc, vc, layer, n_q, dtype, spec.frame_tokens))
+    if r:
+      dense = C.Dense(spec.dtype)
+      out.append(RecordSource({'x': state.recent_k}, {'x': state.recent_v}, dense, dense, layer,
+                              n_recent, dtype, spec.frame_tokens))
+    return out
+
+  def attend(self, state: RingState, layer, q, impl: str = 'auto'):
+    srcs = self.sources(state, layer, q.dtype)
+    if not srcs:
+      b, t, n, _ = q.shape
+      return jnp.zeros_like(q), jnp.full((b, n, t), -jnp.inf, f32)
+    return kernels.attention(q, srcs, impl=impl)
+
+  def materialize(self, state: RingState, layer):
+    spec = state.spec
+    b, p, n, h = spec.batch, spec.frame_tokens, spec.num_heads, spec.head_dim
+    ks, vs, biases = [], [], []
+    for src in self.sources(state, layer, jnp.float32):
+      cap = jax.tree.leaves(src.kf)[0].shape[2]
+      for j in range(cap):
+        k, v, bias = src.chunk(j)
+        if src.rotated:
+          k, v = quant.fwht(k, f32), quant.fwht(v, f32)
+        ks.append(k)
+        vs.append(v)
+        biases.append(jnp.where(j < src.num_chunks, bias, -jnp.inf))
+    if not ks:
+      z = jnp.zeros((b, 0, n, h), f32)
+      return z, z, jnp.zeros((b, 0), f32)
+    return jnp.concatenate(ks, 1), jnp.concatenate(vs, 1), jnp.concatenate(biases, 1)
+
+  def refresh(self, state: RingState) -> RingState:
+    """Decodes and re-encodes every stored frame (``requantize='every_call'``)."""
+    spec = state.spec
+    r, cq = self._geometry(spec)
+    kc, vc = self.codecs(spec)
+    if cq == 0:
+      return state
+
+    def per_layer(layer, st):
+      n_q, _ = self._counts(st, layer)
+
+      def per_slot(j, st):
+        kx = kc.decode(read_record(st.k, layer, j), spec.dtype)
+        vx = vc.decode(read_record(st.v, layer, j), spec.dtype)
+        if kc.rotated:
+          kx, vx = quant.fwht(kx), quant.fwht(vx)
+        aux_k, aux_v, _ = self.encode_aux(st, layer, kx, vx, None)
+        return st.replace(k=write_record(st.k, layer, j, kc.encode(kx, aux_k)),
+                          v=write_record(st.v, layer, j, vc.encode(vx, aux_v)))
+      return jax.lax.fori_loop(0, n_q, per_slot, st)
+
+    return jax.lax.fori_loop(0, spec.num_layers, per_layer, state)
+
+
+@dataclasses.dataclass(frozen=True)
+class BF16(FrameRingMethod):
+  """Reference: unquantized K/V in the cache dtype (bfloat16 on the fast path; float32 in
+  float32 parity runs), one frame slot per history frame."""
+  name = 'BF16'
+  aliases = ('bf16', 'none', 'baseline')
+  family = 'BF16'
+  description = 'reference: unquantized K/V in a ring of frame slots'
+
+  def codecs(self, spec):
+    d = C.Dense(spec.dtype)
+    return d, d
