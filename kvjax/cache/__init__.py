@@ -8,5 +8,5 @@ from kvjax.cache.registry import aliases, canonical, describe, get, names, parse
 registry.register(BF16)
 
 # Families register their paper names on import (order = the study's table order).
-from kvjax.cache import rtn, kivi, quarot, prq, qaq  # noqa: E402,F401
+from kvjax.cache import rtn, kivi, quarot, prq, qaq, age_tier, flowcache  # noqa: E402,F401
 from kvjax.cache import spatial  # noqa: E402,F401

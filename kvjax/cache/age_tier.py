@@ -1,0 +1,128 @@
+"""Age-Tier (spec 3.8) and TPTQ (spec 3.7): a positional recent tier in RTN INT4.
+
+The study calls the last ``recent_ratio`` of its whole-video buffer "recent" — a fixed schedule
+by buffer position, not by age (weakness W7): AGE_TIER_INT2 is "frames before ~70% of the video
+in ternary RTN, later frames in INT4". That schedule is the default of the paper names, realized
+exactly and statically by the mixed-format frame log (``mixed_log.py``). The token boundary
+(e.g. slot 45,864 = frame 29.4 of 42) is rounded to the nearest frame boundary: tiers are whole
+frames. With ``total_frames`` of the rollout standing for the study's buffer length.
+
+TPTQ: recent tier RTN INT4; older frames PRQ(2 + 2 bits) with key outliers (> 6 sigma of the old
+keys, the largest ``outlier_max_ratio`` of a frame's key elements) restored exactly after
+dequantization but not clipped before it (as the study). Old-key sigma counts the whole old part
+of the buffer, zero slots included (``sigma_scope='buffer'``, the study) or only what was written
+(``'written'``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.cache import codecs as C
+from kvjax.cache import packing
+from kvjax.cache.mixed_log import MixedLogMethod
+from kvjax.cache.qaq import running_sigma
+from kvjax.cache.registry import variant
+
+f32 = jnp.float32
+
+
+def positional_threshold(total_frames: int, frame_tokens: int, recent_ratio: float) -> int:
+  """First frame of the recent tier: the study's last max(1, round(r * L)) buffer slots, rounded
+  to the nearest frame boundary."""
+  slots = total_frames * frame_tokens
+  recent = max(1, round(recent_ratio * slots))
+  return int(round((slots - recent) / frame_tokens))
+
+
+@dataclasses.dataclass(frozen=True)
+class AgeTier(MixedLogMethod):
+  family = 'AGE_TIER'
+  bits: int = 2
+  recent_bits: int = 4
+  recent_ratio: float = 0.3
+  group_size: int = 16
+  recency: str = 'position'
+
+  def __post_init__(self):
+    packing.check_bits(self.bits)
+    packing.check_bits(self.recent_bits, 'recent_bits')
+    C.SymRTN(self.bits, self.group_size)
+    if not 0.0 <= self.recent_ratio <= 1.0:
+      raise ValueError(f'recent_ratio must be in [0, 1] (got {self.recent_ratio})')
+    if self.recency != 'position':
+      raise ValueError(f"recency={self.recency!r}: only 'position' (the study's buffer-position "
+                       "schedule) is available; age-based tiers are FLOWCACHE_HYBRID_INT2's mechanism")
+
+  def tier_codecs(self, spec):
+    old = C.SymRTN(self.bits, self.group_size)
+    new = C.SymRTN(self.recent_bits, self.group_size)
+    return [(old, old), (new, new)]
+
+  def tier_of(self, spec):
+    total = spec.require_total_frames(self.name)
+    thr = positional_threshold(total, spec.frame_tokens, self.recent_ratio)
+    return (np.arange(total) >= thr).astype(np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class TPTQ(MixedLogMethod):
+  family = 'TPTQ'
+  bits: int = 2
+  residual_bits: int = 2
+  recent_ratio: float = 0.15
+  recent_bits: int = 4
+  outlier_threshold: float = 6.0
+  outlier_max_ratio: float = 0.001
+  sigma_scope: str = 'buffer'
+  group_size: int = 16
+
+  def __post_init__(self):
+    C.PRQ(self.bits, self.residual_bits, self.group_size)
+    packing.check_bits(self.recent_bits, 'recent_bits')
+    C.Outliers(C.PRQ(), self.outlier_threshold, self.outlier_max_ratio, clip=False)
+    if not 0.0 <= self.recent_ratio <= 1.0:
+      raise ValueError(f'recent_ratio must be in [0, 1] (got {self.recent_ratio})')
+    if self.sigma_scope not in ('written', 'buffer'):
+      raise ValueError(f"sigma_scope must be 'written' or 'buffer' (got {self.sigma_scope!r})")
+
+  def tier_codecs(self, spec):
+    prq = C.PRQ(self.bits, self.residual_bits, self.group_size)
+    old_k = C.Outliers(prq, self.outlier_threshold, self.outlier_max_ratio, clip=False)
+    new = C.SymRTN(self.recent_bits, self.group_size)
+    return [(old_k, prq), (new, new)]
+
+  def tier_of(self, spec):
+    total = spec.require_total_frames(self.name)
+    thr = positional_threshold(total, spec.frame_tokens, self.recent_ratio)
+    return (np.arange(total) >= thr).astype(np.int64)
+
+  def init_stats(self, spec):
+    return {'old_key_moments': jnp.zeros((spec.num_layers, 2), f32)}
+
+  def encode_aux(self, state, layer, tier, x_k, x_v, frame):
+    if tier != 0:
+      return None, None, state.stats
+    spec = state.spec
+    mom = state.stats['old_key_moments']
+    xk = x_k.astype(f32)
+    mom = mom.at[layer].add(jnp.stack([jnp.sum(xk), jnp.sum(xk * xk)]))
+    per_frame = spec.batch * spec.frame_tokens * spec.num_heads * spec.head_dim
+    if self.sigma_scope == 'buffer':
+      thr = positional_threshold(spec.require_total_frames(self.name), spec.frame_tokens,
+                                 self.recent_ratio)
+      count = jnp.asarray(max(thr, 1) * per_frame, f32)
+    else:
+      count = (frame + 1).astype(f32) * per_frame
+    return {'sigma': running_sigma(mom[layer], count)}, None, {'old_key_moments': mom}
+
+
+variant(AgeTier, 'AGE_TIER_INT4', ('age_tier_int4', 'agetier_int4', 'agetier4'),
+        'last 30% of the buffer (by position) RTN INT4, the rest RTN INT4', bits=4)
+variant(AgeTier, 'AGE_TIER_INT2', ('age_tier_int2', 'agetier_int2', 'agetier2'),
+        'last 30% of the buffer (by position) RTN INT4, the rest ternary RTN INT2', bits=2)
+variant(TPTQ, 'TPTQ_INT2', ('tptq_int2', 'tptq2', 'tptq'),
+        'last 15% of the buffer RTN INT4; older PRQ(2+2) + 0.1% exact key outliers')
