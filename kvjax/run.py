@@ -287,6 +287,8 @@ def generate(s: RunSettings, *, progress: bool = True, log=print) -> dict[str, A
       kv_cache_bytes=kv, bf16_kv_cache_bytes=bf16,
       compression_ratio=(bf16 / kv) if kv else None,
       runtime_s=stats.runtime_s, compile_s=stats.compile_s, dit_calls=stats.dit_calls,
+      reused_steps=stats.reused_steps,
+      reuse_mean_rel_l1=(float(np.mean(stats.reuse_rel_l1)) if stats.reuse_rel_l1 else None),
       peak_memory_bytes=peak, impl=s.impl, backend=jax.default_backend(),
       device=str(jax.devices()[0]), jax_version=jax.__version__, reference=ref_info,
       window_frames=s.spec.window_frames, sink_frames=s.spec.sink_frames,
@@ -294,7 +296,8 @@ def generate(s: RunSettings, *, progress: bool = True, log=print) -> dict[str, A
   if ref is not None:
     result.update(metrics.latent_fidelity(latents, ref))
   curves = metrics.per_frame_curves(latents, ref)
-  _write_atomic(outdir, result, latents, curves)
+  artifacts = s.method.artifacts(cache) if hasattr(s.method, 'artifacts') else {}
+  _write_atomic(outdir, result, latents, curves, artifacts)
   result['outdir'] = outdir
   return result
 
@@ -307,7 +310,8 @@ def _json_default(o):
   return str(o)
 
 
-def _write_atomic(outdir: str, result: dict, latents: np.ndarray, curves: dict) -> None:
+def _write_atomic(outdir: str, result: dict, latents: np.ndarray, curves: dict,
+                  artifacts: dict | None = None) -> None:
   import pandas as pd
   outdir = os.path.abspath(outdir)
   parent = os.path.dirname(outdir)
@@ -316,6 +320,9 @@ def _write_atomic(outdir: str, result: dict, latents: np.ndarray, curves: dict) 
   try:
     np.save(os.path.join(stage, 'latents.npy'), latents)
     pd.DataFrame(curves).to_csv(os.path.join(stage, 'curves.csv'), index=False)
+    for name, obj in (artifacts or {}).items():
+      with open(os.path.join(stage, name), 'w') as f:
+        json.dump(obj, f, indent=2, default=_json_default)
     with open(os.path.join(stage, 'result.json'), 'w') as f:
       json.dump(result, f, indent=2, default=_json_default)
     if os.path.isdir(outdir):

@@ -115,6 +115,39 @@ def plan_counts(n_hist, block, budget, kind, recent_ratio, important_ratio, reta
   return hist_recent, n_imp, n_ret, n_rem - n_ret, n_old
 
 
+def chunk_deltas(cur, frames, n_cur, prev, prev_frames, prev_n, alignment: str):
+  """Relative L1 change of chunk summaries against the previous plan's list.
+
+  Args:
+    cur: [C, N] summaries in list (absolute frame) order, first ``n_cur`` valid.
+    frames: [C] their frames; prev, prev_frames, prev_n: the previous list.
+    alignment: 'tail' pairs the last rows of both lists (the study); 'frame' pairs equal frames.
+  Returns:
+    [C] deltas (1.0 where unpaired).
+  """
+  c = cur.shape[0]
+  j = jnp.arange(c)
+  in_list = j < n_cur
+  if alignment == 'tail':
+    pj = j - n_cur + prev_n
+    paired = in_list & (pj >= 0) & (pj < prev_n)
+  else:
+    match = (prev_frames[None, :] == frames[:, None]) & (frames[:, None] >= 0)
+    paired = jnp.any(match, axis=1) & in_list
+    pj = jnp.argmax(match, axis=1)
+  pv = prev[jnp.clip(pj, 0, c - 1)]
+  num = jnp.mean(jnp.abs(cur - pv), axis=-1)
+  den = jnp.maximum(jnp.mean(jnp.abs(pv), axis=-1), 1e-6)
+  return jnp.where(paired, num / den, 1.0)
+
+
+def frame_summary(x):
+  """Per-head chunk summary part of one tensor: mean |x| over batch, tokens, head_dim.
+
+  x: [B, P, N, H] -> [N] float32 (the study's summary is this for K plus this for V)."""
+  return jnp.mean(jnp.abs(x.astype(f32)), axis=(0, 1, 3))
+
+
 @struct.dataclass
 class FlowState:
   a: dict                 # high tier records, [1, B, R_A, ...] (flat over layers)
@@ -188,6 +221,7 @@ class FlowCache(CacheMethod):
   delta_alignment: str = 'tail'
   prune_mode: str = 'zero'
   group_size: int = 16
+  reuse_threshold: float = 0.0        # > 0: FLOWCACHE_NATIVE step reuse in the sampler
 
   def __post_init__(self):
     if self.kind not in ('hybrid', 'adaptive', 'prune', 'soft_prune'):
@@ -313,19 +347,8 @@ class FlowCache(CacheMethod):
 
     # Chunk summaries in list order and deltas against the previous list.
     cur = st.summ[layer][order]                                       # [C, N]
-    prev = st.prev_summ[layer]
-    prev_n = st.prev_n[layer]
-    if self.delta_alignment == 'tail':
-      pj = j - n_hist + prev_n
-      paired = in_list & (pj >= 0) & (pj < prev_n)
-    else:
-      match = (st.prev_frame[layer][None, :] == frame_of[order][:, None]) & (frame_of[order][:, None] >= 0)
-      paired = jnp.any(match, axis=1) & in_list
-      pj = jnp.argmax(match, axis=1)
-    pv = prev[jnp.clip(pj, 0, c - 1)]
-    num = jnp.mean(jnp.abs(cur - pv), axis=-1)
-    den = jnp.maximum(jnp.mean(jnp.abs(pv), axis=-1), 1e-6)
-    delta = jnp.where(paired, num / den, 1.0)
+    delta = chunk_deltas(cur, frame_of[order], n_hist, st.prev_summ[layer],
+                         st.prev_frame[layer], st.prev_n[layer], self.delta_alignment)
     n_plan = (n_hist + bf).astype(f32)
     rec = j.astype(f32) / jnp.maximum(n_plan - 1.0, 1.0)
     score = self.alpha * delta + self.beta * rec
@@ -333,7 +356,6 @@ class FlowCache(CacheMethod):
     # Rank old chunks by score (descending, stable).
     key = jnp.where(is_old, -score, jnp.inf)
     rank = jnp.argsort(jnp.argsort(key, stable=True), stable=True)      # 0 = best old chunk
-    low = B if self.plan_kind in ('hybrid', 'adaptive') or not self.retained_in_a() else A
     if self.plan_kind == 'hybrid':
       tier_old = jnp.full((c,), B)
     elif self.plan_kind == 'adaptive':
@@ -341,7 +363,6 @@ class FlowCache(CacheMethod):
     else:
       ret_tier = A if self.retained_in_a() else B
       tier_old = jnp.where(rank < n_imp, A, jnp.where(rank < n_imp + n_ret, ret_tier, PRUNED))
-    del low
     tier_list = jnp.where(is_old, tier_old, A)
     tier_list = jnp.where(in_list, tier_list, -1)
     targets = jnp.full((c,), -1, jnp.int32).at[order].set(tier_list.astype(jnp.int32))
@@ -372,8 +393,7 @@ class FlowCache(CacheMethod):
       w, g = st.where[layer, pos], st.slot[layer, pos]
       st = jax.lax.cond(w == A, lambda t: self._release(t, A, g), lambda t: t, st)
       st = jax.lax.cond(w == B, lambda t: self._release(t, B, g), lambda t: t, st)
-      summ = (jnp.mean(jnp.abs(xk[:, i].astype(f32)), axis=(0, 1, 3)) +
-              jnp.mean(jnp.abs(xv[:, i].astype(f32)), axis=(0, 1, 3)))
+      summ = frame_summary(xk[:, i]) + frame_summary(xv[:, i])
       st = st.replace(frame_of=st.frame_of.at[layer, pos].set(s + i),
                       where=st.where.at[layer, pos].set(-1),
                       sum_ok=st.sum_ok.at[layer, pos].set(False),
@@ -384,7 +404,6 @@ class FlowCache(CacheMethod):
     target, st = self._targets(st, layer, budget)
     where = st.where[layer]
     target = jnp.where(where == PRUNED, PRUNED, target)              # pruning is final
-    pos_ids = jnp.arange(c)
 
     # 3. Prune stored chunks that the plan drops.
     def prune_one(i, st):
@@ -438,7 +457,6 @@ class FlowCache(CacheMethod):
           lambda st: self._put(st, A, layer, pos, fk, fv),
           lambda st: self._put(st, B, layer, pos, fk, fv),
           lambda st: self._prune(st, layer, pos, fk.astype(f32), fv.astype(f32))], st)
-    del pos_ids
     return st.replace(frames=st.frames.at[layer].set(s + bf))
 
   def sources(self, state: FlowState, layer, dtype):
@@ -510,6 +528,104 @@ def _flow_layout(method: FlowCache, spec: CacheSpec):
           'ra': max(int(cap_a.sum()), 1), 'rb': max(int(cap_b.sum()), 1)}
 
 
+@struct.dataclass
+class ProfileState:
+  ring: object            # the BF16 ring state
+  frame_of: jax.Array     # [L, C]
+  summ: jax.Array         # [L, C, N]
+  prev_summ: jax.Array
+  prev_frame: jax.Array
+  prev_n: jax.Array
+  delta_sum: jax.Array    # [L] accumulated mean delta of old chunks
+  events: jax.Array       # [L]
+  spec: CacheSpec = struct.field(pytree_node=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowCacheProfile(CacheMethod):
+  """The study's profiling pass (spec 3.9.6): an exact BF16 cache that, at every append,
+  accumulates per layer the mean delta of the old chunks (all but the newest
+  max(1, round(0.25 n))). ``budget_table(state)`` maps the layer scores linearly to
+  [0.7, 1.3]; the launcher writes it as ``budget_table.json`` for the FlowCache methods'
+  ``budget=profile:<path>``."""
+  name = 'FLOWCACHE_PROFILE'
+  aliases = ('flowcache_profile', 'profile')
+  family = 'FLOWCACHE'
+  description = 'profiling pass: exact BF16 cache + per-layer chunk-delta statistics'
+  recent_ratio: float = 0.25
+  delta_alignment: str = 'tail'
+
+  def init(self, spec):
+    l, c, n = spec.num_layers, spec.capacity_frames, spec.num_heads
+    return ProfileState(ring=BF16().init(spec), frame_of=jnp.full((l, c), -1, jnp.int32),
+                        summ=jnp.zeros((l, c, n), f32), prev_summ=jnp.zeros((l, c, n), f32),
+                        prev_frame=jnp.full((l, c), -1, jnp.int32), prev_n=jnp.zeros((l,), jnp.int32),
+                        delta_sum=jnp.zeros((l,), f32), events=jnp.zeros((l,), f32), spec=spec)
+
+  def append(self, state, layer, k, v, info):
+    spec = state.spec
+    ring = BF16().append(state.ring, layer, k, v, info)
+    if spec.capacity_frames == 0:
+      return state.replace(ring=ring)
+    bf, p = spec.block_frames, spec.frame_tokens
+    b, _, n, h = k.shape
+    xk, xv = k.reshape(b, bf, p, n, h), v.reshape(b, bf, p, n, h)
+    st = state
+    for i in range(bf):
+      pos = frame_slot(info.start_frame + i, spec)
+      st = st.replace(frame_of=st.frame_of.at[layer, pos].set(info.start_frame + i),
+                      summ=st.summ.at[layer, pos].set(frame_summary(xk[:, i]) + frame_summary(xv[:, i])))
+    frame_of = st.frame_of[layer]
+    valid = frame_of >= 0
+    order = jnp.argsort(jnp.where(valid, frame_of, jnp.iinfo(jnp.int32).max), stable=True)
+    n_hist = jnp.sum(valid).astype(jnp.int32)
+    cur = st.summ[layer][order]
+    delta = chunk_deltas(cur, frame_of[order], n_hist, st.prev_summ[layer], st.prev_frame[layer],
+                         st.prev_n[layer], self.delta_alignment)
+    n_all = n_hist + bf
+    n_old = n_all - jnp.maximum(1, jnp.round(self.recent_ratio * n_all)).astype(jnp.int32)
+    old = jnp.arange(spec.capacity_frames) < jnp.minimum(n_old, n_hist)
+    cnt = jnp.sum(old)
+    mean_old = jnp.where(cnt > 0, jnp.sum(jnp.where(old, delta, 0.0)) / jnp.maximum(cnt, 1), 0.0)
+    in_list = jnp.arange(spec.capacity_frames) < n_hist
+    return st.replace(
+        ring=ring,
+        prev_summ=st.prev_summ.at[layer].set(jnp.where(in_list[:, None], cur, 0.0)),
+        prev_frame=st.prev_frame.at[layer].set(jnp.where(in_list, frame_of[order], -1)),
+        prev_n=st.prev_n.at[layer].set(n_hist),
+        delta_sum=st.delta_sum.at[layer].add(jnp.where(cnt > 0, mean_old, 0.0)),
+        events=st.events.at[layer].add(jnp.where(cnt > 0, 1.0, 0.0)))
+
+  def attend(self, state, layer, q, impl='auto'):
+    return BF16().attend(state.ring, layer, q, impl)
+
+  def materialize(self, state, layer):
+    return BF16().materialize(state.ring, layer)
+
+  @staticmethod
+  def budget_table(state) -> dict:
+    """Layer scores and budgets 0.7 + 0.6 (s - min) / (max - min) (all 1.0 if equal)."""
+    scores = np.asarray(state.delta_sum) / np.maximum(np.asarray(state.events), 1.0)
+    lo, hi = float(scores.min()), float(scores.max())
+    budgets = (0.7 + 0.6 * (scores - lo) / (hi - lo)) if hi > lo else np.ones_like(scores)
+    return {'budgets': [float(x) for x in budgets], 'layer_scores': [float(x) for x in scores],
+            'events': [float(x) for x in np.asarray(state.events)]}
+
+  def artifacts(self, state) -> dict:
+    return {'budget_table.json': self.budget_table(state)}
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowCacheNative(BF16):
+  """FLOWCACHE_NATIVE: the exact BF16 cache plus denoising-step reuse in the sampler
+  (``reuse_threshold``; see ``kvjax.sampler`` for the reconstructed rule)."""
+  name = 'FLOWCACHE_NATIVE'
+  aliases = ('native', 'flowcache_native')
+  family = 'FLOWCACHE'
+  description = 'BF16 cache; a denoising step is skipped (model output reused) while the accumulated input change stays below the threshold'
+  reuse_threshold: float = 1.5
+
+
 _FLOW = [
     ('FLOWCACHE_HYBRID_INT2', ('hybrid_int2', 'flowcache_hybrid'), 'newest chunks INT4, the rest INT2',
      dict(kind='hybrid', bits=2)),
@@ -530,3 +646,6 @@ _FLOW = [
 ]
 for _name, _aliases, _desc, _kw in _FLOW:
   variant(FlowCache, _name, _aliases, _desc, **_kw)
+variant(FlowCache, 'FLOWCACHE_NATIVE_SOFT_PRUNE_INT4', ('native_softprune_int4', 'native_soft_prune_int4'),
+        'FLOWCACHE_SOFT_PRUNE_INT4 plus denoising-step reuse',
+        kind='soft_prune', bits=4, important_ratio=0.1, retained_ratio=0.45, reuse_threshold=1.5)

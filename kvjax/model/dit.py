@@ -284,6 +284,18 @@ class WanDiT(nnx.Module):
       return None, new_cache
     return self.unpatchify(self.head(x_out, e), hh, ww), new_cache
 
+  def reuse_feature(self, x, t):
+    """The step-reuse probe: the first block's modulated self-attention input, float32.
+
+    x [B, F, C, h, w], t [B, F] -> [B, F, P, D] = LN(tokens) * (1 + scale_msa) + shift_msa of
+    layer 0 (what TeaCache-style reuse compares between denoising steps).
+    """
+    tokens = self.patchify(x)
+    _, e0 = self.time_embed(t)
+    mod0 = self.blocks.modulation[...][0].astype(f32)                   # [1, 6, D]
+    m = e0 + mod0[:, None]
+    return modulate(layer_norm(tokens, self.cfg.eps), m[:, :, 0, None, :], m[:, :, 1, None, :])
+
   def forward_full(self, x, t, cross_kv, frame_mask):
     """Cache-free forward over a whole clip with a frame-level attention mask (reference path).
 
