@@ -198,7 +198,8 @@ def plan(s: RunSettings) -> dict[str, Any]:
     steps[name] = metrics.compiled_memory(c)
     text = c.as_text()
     steps[name]['full_extent_float_cache_arrays'] = metrics.full_extent_float_arrays(
-        text, s.spec.capacity_frames, s.spec.frame_tokens) if s.spec.capacity_frames else []
+        text, s.spec.frame_tokens, s.method.slot_counts(s.spec), s.spec.block_frames,
+        s.spec.num_heads)
     if jax.default_backend() == 'cpu':
       steps[name]['cpu_weight_upcast_bytes'] = metrics.memory.cpu_weight_upcast_bytes(text, abstract)
   return dict(

@@ -247,41 +247,51 @@ class SelfForcing:
     return dict(params=params, x=x, text=text, cross=cross, cache=cache, scalar=scalar,
                 start=start)
 
-  def lower(self, params, text_len: int, text_dim: int):
-    """Lowers all step functions with abstract (or concrete) ``params``; nothing is allocated."""
+  # Which step functions depend on the cache method (the others are shared across methods).
+  _METHOD_FREE = ('encode', 'x0', 'renoise', 'feature', 'rel_l1')
+
+  def _lowerers(self, params, text_len: int, text_dim: int):
+    """name -> zero-argument function returning the lowered step (nothing is allocated)."""
     a = self.abstract_args(params, text_len, text_dim)
     p = a['params']
     out = dict(
-        encode=jax.jit(self.encode_fn).lower(p, a['text']),
-        denoise=jax.jit(self.denoise_fn).lower(p, a['x'], a['scalar'], a['cross'], a['cache'],
-                                               a['start']),
-        context=jax.jit(self.context_fn, donate_argnums=(3,)).lower(
+        encode=lambda: jax.jit(self.encode_fn).lower(p, a['text']),
+        denoise=lambda: jax.jit(self.denoise_fn).lower(p, a['x'], a['scalar'], a['cross'],
+                                                       a['cache'], a['start']),
+        context=lambda: jax.jit(self.context_fn, donate_argnums=(3,)).lower(
             p, a['x'], a['cross'], a['cache'], a['start']),
-        x0=jax.jit(self.x0_fn).lower(a['x'], a['x'], a['scalar']),
-        renoise=jax.jit(self.renoise_fn).lower(a['x'], a['x'], a['scalar']),
+        x0=lambda: jax.jit(self.x0_fn).lower(a['x'], a['x'], a['scalar']),
+        renoise=lambda: jax.jit(self.renoise_fn).lower(a['x'], a['x'], a['scalar']),
     )
     if self.reuse_threshold > 0:
-      out['feature'] = jax.jit(self.feature_fn).lower(p, a['x'], a['scalar'])
       feat = jax.eval_shape(self.feature_fn, p, a['x'], a['scalar'])
-      out['rel_l1'] = jax.jit(self.rel_l1_fn).lower(feat, feat)
+      out['feature'] = lambda: jax.jit(self.feature_fn).lower(p, a['x'], a['scalar'])
+      out['rel_l1'] = lambda: jax.jit(self.rel_l1_fn).lower(feat, feat)
     if getattr(self.method, 'refresh_every_call', False):
-      out['refresh'] = jax.jit(self.method.refresh, donate_argnums=(0,)).lower(a['cache'])
+      out['refresh'] = lambda: jax.jit(self.method.refresh, donate_argnums=(0,)).lower(a['cache'])
     return out
 
+  def lower(self, params, text_len: int, text_dim: int):
+    """Lowers all step functions with abstract (or concrete) ``params``; nothing is allocated."""
+    return {k: f() for k, f in self._lowerers(params, text_len, text_dim).items()}
+
   def compile(self, params, text_len: int, text_dim: int) -> float:
-    """Compiles every step function; returns the seconds spent (lowering included)."""
+    """Compiles every step function (reusing earlier compilations); returns the seconds spent."""
     if self._compiled:
       return 0.0
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    key = (self.model_cfg, self.cfg, self.method, self.spec, self.latent_hw, self.impl,
-           text_len, text_dim, jax.tree.structure(abstract),
-           tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(abstract)))
-    if key in _COMPILED:
-      self._compiled = _COMPILED[key]
-      return 0.0
+    shared = (self.model_cfg, self.cfg, self.latent_hw, self.spec.batch, self.spec.block_frames,
+              text_len, text_dim, jax.tree.structure(abstract),
+              tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(abstract)))
     t0 = time.perf_counter()
-    lowered = self.lower(abstract, text_len, text_dim)
-    self._compiled = _COMPILED[key] = {k: v.compile() for k, v in lowered.items()}
+    compiled = {}
+    for name, lower in self._lowerers(abstract, text_len, text_dim).items():
+      key = (name, shared) if name in self._METHOD_FREE else (
+          name, shared, self.method, self.spec, self.impl)
+      if key not in _COMPILED:
+        _COMPILED[key] = lower().compile()
+      compiled[name] = _COMPILED[key]
+    self._compiled = compiled
     return time.perf_counter() - t0
 
   # ------------------------------------------------------------ the rollout

@@ -30,7 +30,7 @@ def test_steps_hold_no_full_float_cache():
   lowered = sf.lower(ckpt.abstract_params(s.model_cfg), 8, s.model_cfg.text_dim)
   for name in ('denoise', 'context'):
     compiled = lowered[name].compile()
-    bad = full_extent_float_arrays(compiled.as_text(), 7, 20)
+    bad = full_extent_float_arrays(compiled.as_text(), 20, [7])
     assert bad == [], f'{name}: full-extent float arrays {bad}'
     assert compiled_memory(compiled)['temp_size_in_bytes'] > 0
 
@@ -51,5 +51,5 @@ def test_audit_catches_a_dequantizing_attention():
 
   text_bad = jax.jit(bad).lower(state, q).compile().as_text()
   text_good = jax.jit(good).lower(state, q).compile().as_text()
-  assert full_extent_float_arrays(text_bad, 7, 20)
-  assert full_extent_float_arrays(text_good, 7, 20) == []
+  assert full_extent_float_arrays(text_bad, 20, [7])
+  assert full_extent_float_arrays(text_good, 20, [7]) == []

@@ -200,6 +200,10 @@ class CacheMethod:
     """Bytes of every array of the state (realized storage, never a formula)."""
     return tree_nbytes(state)
 
+  def slot_counts(self, spec: CacheSpec) -> tuple[int, ...]:
+    """Frame-slot counts of the state's stores (for the full-copy audit of compiled steps)."""
+    return (spec.capacity_frames,)
+
   def params(self) -> dict[str, Any]:
     """The method's parameters (overridable through ``kvjax.cache.get(name, **overrides)``)."""
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

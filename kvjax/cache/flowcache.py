@@ -253,6 +253,10 @@ class FlowCache(CacheMethod):
   def layout(self, spec: CacheSpec):
     return _flow_layout(self, spec)
 
+  def slot_counts(self, spec: CacheSpec):
+    lay = self.layout(spec)
+    return (spec.capacity_frames, lay['ra'], lay['rb'], *lay['cap_a'], *lay['cap_b'])
+
   def init(self, spec: CacheSpec) -> FlowState:
     lay = self.layout(spec)
     hi, lo = self.codecs()

@@ -53,8 +53,14 @@ def group_reduce(x: jax.Array, g: int, op) -> jax.Array:
 
 
 def expand_groups(s: jax.Array, p: int, g: int) -> jax.Array:
-  """Per-group statistics [B, F, n_groups, ...] -> per-token [B, F, P, ...]."""
-  return jnp.repeat(s, group_sizes(p, g), axis=2, total_repeat_length=p)
+  """Per-group statistics [B, F, n_groups, ...] -> per-token [B, F, P, ...] (broadcasts)."""
+  n = num_groups(p, g)
+  if n == 1:
+    return jnp.broadcast_to(s, s.shape[:2] + (p,) + s.shape[3:])
+  lead, rest = s.shape[:2], s.shape[3:]
+  head = jnp.broadcast_to(s[:, :, :n - 1, None], lead + (n - 1, g) + rest).reshape(lead + ((n - 1) * g,) + rest)
+  tail = jnp.broadcast_to(s[:, :, n - 1:], lead + (p - (n - 1) * g,) + rest)
+  return jnp.concatenate([head, tail], axis=2)
 
 
 # ---------------------------------------------------------------- symmetric round-to-nearest

@@ -16,24 +16,29 @@ def compiled_memory(compiled) -> dict[str, int]:
   return {k: int(getattr(ma, k)) for k in keys if hasattr(ma, k)}
 
 
-def full_extent_float_arrays(hlo_text: str, capacity_frames: int, frame_tokens: int) -> list[str]:
-  """Float array shapes in (optimized) HLO text that span the cache's whole token extent.
+def full_extent_float_arrays(hlo_text: str, frame_tokens: int, slot_counts,
+                             block_frames: int = 1, num_heads: int = 1) -> list[str]:
+  """Float array shapes in (optimized) HLO text that span a cache store's whole token extent.
 
-  An array spans the cache if its dims contain ``capacity_frames`` immediately followed by
-  ``frame_tokens`` (the frame-slot layout) or the flattened ``capacity_frames * frame_tokens``.
-  Such an array is a float copy (dequantized or upcast) of a whole layer's (or all layers')
-  history: the thing kvjax must never build. Use distinctive sizes in tests to avoid chance
-  matches.
+  ``slot_counts`` are the frame-slot counts of the cache's stores (``CacheMethod.slot_counts``:
+  the ring capacity, tier-store sizes). An array with adjacent dims (c, P) or a dim c * P for a
+  slot count c > block_frames is a float (dequantized or upcast) copy of a whole store: the thing
+  kvjax must never build (stores of at most a block's frames cannot be told from the current
+  block's own K/V and are skipped, as is the flattened dim block_frames * num_heads * P of the
+  block's queries). Use distinctive sizes in tests to avoid chance matches.
 
   Returns:
     Sorted unique offending type strings, e.g. ['f32[2,1,7,20,2,32]'].
   """
   bad = set()
-  flat = capacity_frames * frame_tokens
+  p = frame_tokens
+  counts = {int(c) for c in slot_counts if int(c) > max(block_frames, 1)}
   for m in _ELEM.finditer(hlo_text):
     dims = [int(d) for d in m.group(2).split(',') if d]
-    pairs = any(a == capacity_frames and b == frame_tokens for a, b in zip(dims, dims[1:]))
-    if pairs or flat in dims:
+    slots = any(a in counts and b == p for a, b in zip(dims, dims[1:]))
+    flat = any(d % p == 0 and d // p in counts and d // p != block_frames * num_heads
+               for d in dims)
+    if slots or flat:
       bad.add(m.group(0))
   return sorted(bad)
 

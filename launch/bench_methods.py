@@ -1,0 +1,154 @@
+"""Benchmark every cache method: CPU/GPU time per denoising step and context pass relative to
+BF16, and compile-only memory at the full 1.3B config.
+
+  python launch/bench_methods.py                              # tiny + mid timings, 1.3B plan
+  python launch/bench_methods.py --configs=mid --methods=rtn_int4,softprune_int4 --no_plan
+  python launch/bench_methods.py --out=bench.md               # also write the markdown
+
+Timing: the cache is filled by context passes of every block but the last (a full window),
+then the last block's denoising call and context pass are each run ``--repeats`` times after a
+warm-up; the median is reported. Memory: ``kvjax.run.plan`` (abstract shapes, nothing
+allocated): realized KV bytes and the compiled step's argument + temp bytes, with XLA CPU's
+float32 copies of bf16 weights (``cpu_weight_upcast_bytes``, identical for every method)
+subtracted so methods compare on what they add.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs.self_forcing import get_config  # noqa: E402
+from kvjax import cache as kvcache  # noqa: E402
+from kvjax import checkpoint as ckpt  # noqa: E402
+from kvjax import run  # noqa: E402
+from kvjax.sampler import SelfForcing  # noqa: E402
+
+
+def time_method(config_name: str, method: str, repeats: int, params_cache: dict) -> dict:
+  s = run.resolve(get_config(config_name), method=method, reference='none')
+  cfg = s.model_cfg
+  if config_name not in params_cache:
+    params_cache[config_name] = ckpt.init_params(cfg, 0)
+  params = params_cache[config_name]
+  sf = SelfForcing(cfg, s.sampler_cfg, s.method, s.spec, latent_hw=(s.height, s.width),
+                   impl='xla', graphdef=ckpt.graphdef(cfg))
+  compile_s = sf.compile(params, cfg.text_len, cfg.text_dim)
+  fn = sf._compiled
+  rng = np.random.default_rng(0)
+  text = jnp.asarray(rng.standard_normal((s.batch, cfg.text_len, cfg.text_dim)), cfg.cdtype)
+  cross = fn['encode'](params, text)
+  bf = s.sampler_cfg.block_frames
+  shape = (s.batch, bf, cfg.in_dim, s.height, s.width)
+  cache = jax.jit(s.method.init, static_argnums=0)(s.spec)
+  nb = s.frames // bf
+  for b in range(nb - 1):
+    x0 = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    cache = fn['context'](params, x0, cross, cache, jnp.int32(b * bf))
+  start = jnp.int32((nb - 1) * bf)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  t = jnp.float32(sf.timesteps[1])
+
+  def timed(f):
+    jax.block_until_ready(f())
+    out = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(f())
+      out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+  den = timed(lambda: fn['denoise'](params, x, t, cross, cache, start))
+  box = [cache]
+
+  def ctx():
+    box[0] = fn['context'](params, x, cross, box[0], start)
+    return box[0]
+  con = timed(ctx)
+  return dict(denoise_ms=1e3 * den, context_ms=1e3 * con, compile_s=compile_s,
+              kv_bytes=s.method.nbytes(box[0]), bf16_bytes=s.spec.bf16_bytes())
+
+
+def plan_method(method: str, config_name: str) -> dict:
+  s = run.resolve(get_config(config_name), method=method)
+  p = run.plan(s)
+  out = dict(kv_bytes=p['kv_cache_bytes'], bf16_bytes=p['bf16_kv_cache_bytes'],
+             ratio=p['compression_ratio'])
+  for step in ('denoise_step', 'context_pass'):
+    m = p[step]
+    upcast = m.get('cpu_weight_upcast_bytes', 0)
+    out[step] = m['argument_size_in_bytes'] + m['temp_size_in_bytes'] - upcast
+    out[step + '_full_copies'] = m['full_extent_float_cache_arrays']
+  return out
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--configs', default='tiny,mid')
+  ap.add_argument('--methods', default='all', help="comma list of names/aliases, or 'all'")
+  ap.add_argument('--repeats', type=int, default=5)
+  ap.add_argument('--plan_config', default='wan2.1_t2v_1.3b')
+  ap.add_argument('--no_plan', action='store_true')
+  ap.add_argument('--out', default=None, help='write the markdown tables here too')
+  ap.add_argument('--json', default=None, help='write raw numbers as JSON')
+  args = ap.parse_args(argv)
+  methods = list(kvcache.PAPER_NAMES) if args.methods == 'all' else [
+      kvcache.canonical(m) for m in args.methods.split(',')]
+  if 'BF16' not in methods:
+    methods = ['BF16'] + methods
+  configs = [c for c in args.configs.split(',') if c]
+  raw: dict = {'backend': jax.default_backend(), 'device': str(jax.devices()[0]), 'timing': {}, 'plan': {}}
+  lines = []
+  params_cache: dict = {}
+  for cfg in configs:
+    rows = {}
+    for m in methods:
+      rows[m] = time_method(cfg, m, args.repeats, params_cache)
+      print(f'[{cfg}] {m:45s} denoise {rows[m]["denoise_ms"]:8.2f} ms  context {rows[m]["context_ms"]:8.2f} ms',
+            file=sys.stderr, flush=True)
+    raw['timing'][cfg] = rows
+    b = rows['BF16']
+    lines += [f'\n### Step time, config `{cfg}` ({raw["backend"]}, median of {args.repeats})\n',
+              '| method | denoise ms | x BF16 | context ms | x BF16 | KV bytes | ratio |',
+              '|---|---:|---:|---:|---:|---:|---:|']
+    for m, r in rows.items():
+      lines.append(f'| {m} | {r["denoise_ms"]:.2f} | {r["denoise_ms"] / b["denoise_ms"]:.2f} | '
+                   f'{r["context_ms"]:.2f} | {r["context_ms"] / b["context_ms"]:.2f} | '
+                   f'{r["kv_bytes"]:,} | {r["bf16_bytes"] / r["kv_bytes"]:.3f} |')
+  if not args.no_plan:
+    rows = {}
+    for m in methods:
+      rows[m] = plan_method(m, args.plan_config)
+      print(f'[plan] {m:45s} kv {rows[m]["kv_bytes"]:,}', file=sys.stderr, flush=True)
+    raw['plan'] = rows
+    b = rows['BF16']
+    lines += [f'\n### Compile-only memory at `{args.plan_config}` (bytes; arguments + temp, CPU weight upcast removed)\n',
+              '| method | KV bytes | ratio | denoise step | x BF16 | context pass | x BF16 | full-size float cache copies |',
+              '|---|---:|---:|---:|---:|---:|---:|---|']
+    for m, r in rows.items():
+      copies = r['denoise_step_full_copies'] + r['context_pass_full_copies']
+      lines.append(f'| {m} | {r["kv_bytes"]:,} | {r["ratio"]:.3f} | {r["denoise_step"]:,} | '
+                   f'{r["denoise_step"] / b["denoise_step"]:.3f} | {r["context_pass"]:,} | '
+                   f'{r["context_pass"] / b["context_pass"]:.3f} | {", ".join(copies) or "none"} |')
+  text = '\n'.join(lines)
+  print(text)
+  if args.out:
+    with open(args.out, 'w') as f:
+      f.write(text + '\n')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(raw, f, indent=2, default=str)
+
+
+if __name__ == '__main__':
+  main()
