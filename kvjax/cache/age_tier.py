@@ -3,7 +3,8 @@
 The study calls the last ``recent_ratio`` of its whole-video buffer "recent" — a fixed schedule
 by buffer position, not by age (weakness W7): AGE_TIER_INT2 is "frames before ~70% of the video
 in ternary RTN, later frames in INT4". That schedule is the default of the paper names, realized
-exactly and statically by the mixed-format frame log (``mixed_log.py``). The token boundary
+exactly and statically by the mixed-format frame log (``mixed_log.py``); ``recency='age'`` is the
+fix (the newest ``recent_ratio`` of the window in the recent tier, re-encoded as frames age). The token boundary
 (e.g. slot 45,864 = frame 29.4 of 42) is rounded to the nearest frame boundary: tiers are whole
 frames. With ``total_frames`` of the rollout standing for the study's buffer length.
 
@@ -53,9 +54,37 @@ class AgeTier(MixedLogMethod):
     C.SymRTN(self.bits, self.group_size)
     if not 0.0 <= self.recent_ratio <= 1.0:
       raise ValueError(f'recent_ratio must be in [0, 1] (got {self.recent_ratio})')
-    if self.recency != 'position':
-      raise ValueError(f"recency={self.recency!r}: only 'position' (the study's buffer-position "
-                       "schedule) is available; age-based tiers are FLOWCACHE_HYBRID_INT2's mechanism")
+    if self.recency not in ('position', 'age'):
+      raise ValueError(f"recency must be 'position' (the study) or 'age' (got {self.recency!r})")
+
+  # recency='age' (the fix of weakness W7): the newest recent_ratio of the window's chunks in
+  # the recent tier, demoted (re-encoded) as they age: FlowCache's hybrid plan with a flat budget.
+  def _age(self):
+    from kvjax.cache.flowcache import FlowCache
+    return FlowCache(kind='hybrid', bits=self.bits, recent_bits=self.recent_bits,
+                     recent_ratio=self.recent_ratio, budget='linear', budget_min=1.0,
+                     budget_max=1.0, group_size=self.group_size)
+
+  def init(self, spec):
+    return self._age().init(spec) if self.recency == 'age' else super().init(spec)
+
+  def append(self, state, layer, k, v, info):
+    if self.recency == 'age':
+      return self._age().append(state, layer, k, v, info)
+    return super().append(state, layer, k, v, info)
+
+  def attend(self, state, layer, q, impl='auto'):
+    if self.recency == 'age':
+      return self._age().attend(state, layer, q, impl)
+    return super().attend(state, layer, q, impl)
+
+  def materialize(self, state, layer):
+    if self.recency == 'age':
+      return self._age().materialize(state, layer)
+    return super().materialize(state, layer)
+
+  def slot_counts(self, spec):
+    return self._age().slot_counts(spec) if self.recency == 'age' else super().slot_counts(spec)
 
   def tier_codecs(self, spec):
     old = C.SymRTN(self.bits, self.group_size)

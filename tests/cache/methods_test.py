@@ -228,6 +228,18 @@ def test_positional_tiers_follow_buffer_position():
     m.init(CacheSpec(1, 1, 2, 32, 40, 3, 10, 0, jnp.float32))
 
 
+def test_age_tier_age_option_keeps_the_newest_frames_in_int4():
+  m = kvcache.get('AGE_TIER_INT2', recency='age', recent_ratio=0.6)
+  state = _run(m)
+  frames = np.asarray(state.frame_of[0])
+  where = np.asarray(state.where[0])
+  newest = np.sort(frames[where == fc.A])
+  oldest = np.sort(frames[where == fc.B])
+  assert len(newest) >= 1 and newest.min() > oldest.max()          # recency by age
+  with pytest.raises(ValueError, match='recency must be'):
+    kvcache.get('AGE_TIER_INT2', recency='lru')
+
+
 def test_mixed_log_pool_is_smaller_than_uniform_int4():
   m = kvcache.get('AGE_TIER_INT2')
   lay = m.layout(SPEC)
