@@ -167,8 +167,15 @@ def infer_config(sd, num_heads: int) -> dict:
   if len(pe) != 5:
     raise PortError(f'patch_embedding.weight has shape {pe}, expected [dim, in, t, h, w]')
   dim, in_dim = pe[0], pe[1]
+  where = getattr(sd, 'path', 'state dict')
   if dim % num_heads:
-    raise PortError(f'dim {dim} is not divisible by num_heads={num_heads}')
+    raise PortError(f'{where}: dim {dim} is not divisible by num_heads={num_heads}')
+  for key, axis in (('blocks.0.ffn.0.weight', 1), ('text_embedding.0.weight', 0),
+                    ('time_embedding.0.weight', 0), ('head.head.weight', 1)):
+    s = _shape_of(sd, key)
+    if len(s) != 2 or s[axis] != dim:
+      raise PortError(f'{where}: {key} has shape {list(s)}; a Linear of a dim-{dim} model needs '
+                      f'{"[*, dim]" if axis else "[dim, *]"} (a transposed tensor or another model?)')
   return dict(dim=dim, in_dim=in_dim, patch_size=tuple(pe[2:]),
               ffn_dim=_shape_of(sd, 'blocks.0.ffn.0.weight')[0],
               freq_dim=_shape_of(sd, 'time_embedding.0.weight')[1],
@@ -328,11 +335,11 @@ def convert(source: TensorSource, *, num_heads: int | None = None, side_config: 
   from kvjax import checkpoint as ckpt
   from kvjax.model import WanConfig, as_dtype
   src = as_original(source)
-  heads, origin = resolve_heads(src, num_heads, side_config, allow_any_size)
-  fields = infer_config(src, heads)
   side = read_json(side_config) if side_config else {}
   if side:
-    check_side_config(side, fields, side_config)
+    check_side_config(side, infer_config(src, 1), side_config)
+  heads, origin = resolve_heads(src, num_heads, side_config, allow_any_size)
+  fields = infer_config(src, heads)
   if fields['in_dim'] != T2V_IN_DIM:
     raise PortError(f'{source.path}: in_dim {fields["in_dim"]} is not a T2V DiT')
   cfg = WanConfig.from_dict(dict(
