@@ -169,3 +169,85 @@ def load_vae(wd: WanDir, *, dtype: str = 'float32', log=None):
     cfg = cfg.replace(compute_dtype=dtype)
     params = _to_state(vae.abstract_params(cfg), nested)
   return vae.VAEDecoder(cfg, params)
+
+
+# ---------------------------------------------------------------------------- launcher helpers
+def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str] | None:
+  """The prompts of a run: ``--prompt`` or one per non-empty line of ``--prompts_file``."""
+  if prompt is not None and prompts_file is not None:
+    raise ValueError('give --prompt or --prompts_file, not both')
+  if prompt is not None:
+    if not prompt.strip():
+      raise ValueError('--prompt is empty')
+    return [prompt]
+  if prompts_file is None:
+    return None
+  if not os.path.isfile(prompts_file):
+    raise FileNotFoundError(f'prompts file not found: {prompts_file}')
+  try:
+    with open(prompts_file, encoding='utf-8') as f:
+      prompts = [line.strip() for line in f if line.strip()]
+  except UnicodeDecodeError as e:
+    raise ValueError(f'prompts file {prompts_file} is not UTF-8 text: {e}') from None
+  if not prompts:
+    raise ValueError(f'prompts file {prompts_file} holds no prompt')
+  return prompts
+
+
+def validate(path: str, prompts: list[str] | None, *, dit_text_dim: int,
+             latent_channels: int) -> WanDir:
+  """Checks a --wan_dir for a run before any compute: parts present, sizes matching the DiT, the
+  tokenizer loadable. Raises FileNotFoundError / ValueError naming the file and the problem."""
+  need = PARTS if prompts else ('vae',)
+  wd = inspect(path, need)
+  if prompts:
+    got = text_dim(wd)
+    if got != dit_text_dim:
+      raise ValueError(f'--wan_dir {path}: the text encoder {wd.text_encoder} gives {got}-wide '
+                       f'states, the DiT expects text_dim={dit_text_dim}')
+    from kvjax.text import tokenizer as tokenizer_lib
+    tokenizer_lib.load(wd.tokenizer)
+  z = vae_z_dim(wd)
+  if z != latent_channels:
+    raise ValueError(f'--wan_dir {path}: the VAE {wd.vae} decodes {z}-channel latents, the DiT '
+                     f'makes {latent_channels}')
+  return wd
+
+
+def encode_prompts(wd: WanDir, prompts: list[str], *, text_len: int, dtype: str,
+                   free: bool = True) -> tuple:
+  """Text states [B, text_len, dim] float32 of ``prompts`` (encoded once) and timing info.
+
+  With ``free`` the encoder's weights are deleted from device memory afterwards, before the DiT.
+  """
+  import time
+  t0 = time.perf_counter()
+  enc = load_text_encoder(wd, text_len=text_len, dtype=dtype)
+  t1 = time.perf_counter()
+  states = enc.encode(prompts)
+  t2 = time.perf_counter()
+  if free:
+    enc.free()
+  return states, dict(text_encoder_load_s=round(t1 - t0, 3), text_encode_s=round(t2 - t1, 3),
+                      text_encoder_freed=bool(free), text_len=text_len)
+
+
+def decode_latents(wd: WanDir, latents, *, block_frames: int, dtype: str = 'float32') -> tuple:
+  """Decodes sampler latents [B, F, C, h, w] block by block through one VAE stream.
+
+  Returns:
+    video [B, 1 + 4(F-1), 8h, 8w, 3] float32 in [-1, 1]; timing info.
+  """
+  import time
+  import numpy as np
+  t0 = time.perf_counter()
+  dec = load_vae(wd, dtype=dtype)
+  t1 = time.perf_counter()
+  stream = dec.stream()
+  frames = [stream.push(latents[:, i:i + block_frames])
+            for i in range(0, latents.shape[1], block_frames)]
+  video = np.concatenate(frames, axis=1)
+  t2 = time.perf_counter()
+  dec.free()
+  return video, dict(vae_load_s=round(t1 - t0, 3), vae_decode_s=round(t2 - t1, 3),
+                     video_frames=int(video.shape[1]))
