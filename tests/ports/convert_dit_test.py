@@ -163,6 +163,18 @@ class TestFormats:
     assert p.returncode == 2 and 'no such file' in p.stderr and not (tmp_path / 'out2').exists()
 
 
+def test_original_names_agree_with_diffusers_single_file_converter(files):
+  """diffusers' own Wan converter (convert_wan_transformer_to_diffusers), applied to the original
+  names our inverse table produced, gives back the diffusers state dict: an independent check of
+  the table used to write the Self-Forcing / Wan test files."""
+  import torch
+  from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+  sd = {k: v.clone() for k, v in files['ema'].state_dict().items()}
+  theirs = convert_wan_transformer_to_diffusers(dp.diffusers_to_original(sd))
+  assert theirs.keys() == sd.keys()
+  assert all(torch.equal(theirs[k], sd[k]) for k in sd)
+
+
 # ---------------------------------------------------------------------------- negative controls
 def _sf_state(files):
   import torch

@@ -107,6 +107,18 @@ class TestParity:
       np.testing.assert_array_equal(back[k], orig[k])
 
 
+@requires_torch
+def test_original_names_agree_with_diffusers_single_file_converter(tiny):
+  """diffusers' convert_wan_vae_to_diffusers maps our original names back to the same state dict
+  (an independent check of the table that wrote Wan2.1_VAE.pth)."""
+  import torch
+  from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+  sd = {k: v.clone() for k, v in tiny['model'].state_dict().items()}
+  theirs = convert_wan_vae_to_diffusers(vp.diffusers_to_original(sd))
+  assert theirs.keys() == sd.keys()
+  assert all(torch.equal(theirs[k], sd[k]) for k in sd)
+
+
 def test_streaming_equals_one_shot(converted):
   """Per frame, per 3-frame block (first block, then the rest) and one shot: bit-identical."""
   cfg, params = converted
