@@ -6,7 +6,7 @@
 
 Writes result.json, latents.npy and curves.csv under --outdir (default runs/<stamp>_...), and
 video.mp4 (16 fps) with --wan_dir:
-  python -m kvjax.launch --method=softprune_int4 --checkpoint=CKPT --wan_dir=Wan2.1-T2V-1.3B \
+  python -m kvjax.launch --method=bf16 --checkpoint=CKPT --wan_dir=Wan2.1-T2V-1.3B \
       --config=configs/self_forcing.py:wan2.1_t2v_1.3b --prompt="a cat surfing at sunset"
 """
 
@@ -91,7 +91,8 @@ def main(argv):
   keys = ('method', 'config', 'frames', 'kv_cache_bytes', 'bf16_kv_cache_bytes',
           'compression_ratio', 'compile_s', 'runtime_s', 'latent_psnr', 'latent_rel_l2')
   print(json.dumps({k: result[k] for k in keys if k in result}, indent=2))
-  print(f"wrote {result['outdir']}" + (f" (+ {', '.join(result['videos'])})" if result.get('videos') else ''))
+  videos = f" (+ {', '.join(result['videos'])})" if result.get('videos') else ''
+  print(f"wrote {result['outdir']}{videos}")
   return 0
 
 

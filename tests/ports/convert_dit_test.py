@@ -247,6 +247,19 @@ class TestBadInput:
     _fails(capsys, tmp_path, 'diffusion_pytorch_model.safetensors: not a safetensors file',
            '--src', tmp_path / 'w', '--num_heads=2')
 
+  def test_corrupt_files(self, files, tmp_path, capsys):
+    data = bytearray((files['root'] / 'self_forcing_dmd.pt').read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(64)                        # zeroed bytes inside tensor data
+    (tmp_path / 'bad.pt').write_bytes(bytes(data))
+    _fails(capsys, tmp_path, 'bad.pt: corrupt PyTorch checkpoint (CRC error', '--src',
+           tmp_path / 'bad.pt', '--num_heads=2')
+    st = bytearray((files['root'] / 'wan' / 'diffusion_pytorch_model.safetensors').read_bytes())
+    st[8:12] = b'\xff\xfe{]'                                # the JSON header is damaged
+    (tmp_path / 'w').mkdir()
+    (tmp_path / 'w' / 'diffusion_pytorch_model.safetensors').write_bytes(bytes(st))
+    _fails(capsys, tmp_path, 'corrupt safetensors header', '--src', tmp_path / 'w', '--num_heads=2')
+
   def test_wrong_file_types(self, files, tmp_path, capsys):
     (tmp_path / 'notes.pt').write_text('this is not a checkpoint')
     _fails(capsys, tmp_path, 'notes.pt: not a PyTorch checkpoint or a safetensors file',
