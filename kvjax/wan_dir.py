@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

@@ -19,6 +19,11 @@ from ports import engine
 from ports.engine import TRANSFORMS, flat_paths  # noqa: F401  (re-exported)
 from ports.sources import PortError, RenamedSource, TensorSource, read_json
 
+__all__ = ['PortError', 'TRANSFORMS', 'TABLE', 'GLOBAL_KEYS', 'LAYER_KEYS', 'KNOWN_SIZES', 'flat_paths',
+           'original_to_params', 'params_to_original', 'diffusers_to_original',
+           'original_to_diffusers', 'diffusers_key_to_original', 'infer_config', 'num_layers_of',
+           'convert', 'resolve_heads', 'as_original', 'check_t2v', 'flavor']
+
 # kvjax path -> (original key, transform). Paths are '/'-joined nnx State paths.
 GLOBAL_KEYS: dict[str, tuple[str, str]] = {
     'patch_embedding': ('patch_embedding.weight', 'conv3d'),

@@ -20,6 +20,9 @@ from kvjax.text.umt5 import UMT5Config, UMT5Encoder, count_params, relative_buck
 FORMAT = 'kvjax.umt5.v1'
 TEXT_LEN = 512
 
+__all__ = ['FORMAT', 'TEXT_LEN', 'TextEncoder', 'UMT5Config', 'UMT5Encoder', 'abstract_params',
+           'count_params', 'graphdef', 'init_params', 'relative_buckets', 'tokenizer_lib']
+
 
 def abstract_params(cfg: UMT5Config) -> nnx.State:
   return nnx.state(nnx.eval_shape(lambda: UMT5Encoder(cfg, rngs=nnx.Rngs(0))))

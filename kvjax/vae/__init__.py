@@ -5,3 +5,6 @@ from kvjax.vae.decoder import (DecodeStream, VAEDecoder, WanVAEDecoder, abstract
                                init_params)
 
 FORMAT = 'kvjax.wan_vae.v1'
+
+__all__ = ['FORMAT', 'LATENTS_MEAN', 'LATENTS_STD', 'VAEConfig', 'DecodeStream', 'VAEDecoder',
+           'WanVAEDecoder', 'abstract_params', 'graphdef', 'init_params']

@@ -7,7 +7,6 @@ against transformers' over +-600 positions; the full umT5-XXL shapes through ``e
 """
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
