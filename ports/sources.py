@@ -16,8 +16,10 @@ Every error is a ``PortError`` naming the file and the problem.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import struct
 import zipfile
 from typing import Iterable, Mapping, NamedTuple
@@ -369,6 +371,13 @@ def open_checkpoint(path: str, names: Iterable[str]) -> TensorSource:
     single = os.path.join(path, f'{name}.safetensors')
     if os.path.isfile(single):
       return SafetensorsSource([single])
+    shards = sorted(glob.glob(os.path.join(glob.escape(path), f'{name}-*-of-*.safetensors')))
+    if shards:                                # shards without their index: all must be present
+      total = {re.search(r'-of-(\d+)\.safetensors$', s).group(1) for s in shards}
+      if len(total) != 1 or len(shards) != int(next(iter(total))):
+        raise PortError(f'{path}: incomplete set of shards without an index: '
+                        f'{[os.path.basename(s) for s in shards]}')
+      return SafetensorsSource(shards, path=os.path.join(path, f'{name}-*.safetensors'))
   for name in names:
     for ext in ('.bin', '.pth', '.pt'):
       fn = os.path.join(path, name + ext)

@@ -115,6 +115,22 @@ class TestFormats:
     cfg, params = outs['wan_sharded']
     assert rel_err(_forward(cfg, params, x, t, text), rt.forward(files['ema'], x, t, text)) <= TOL
 
+  def test_shards_without_index(self, files, tmp_path, capsys):
+    import shutil
+    folder = tmp_path / 'noindex'
+    shutil.copytree(files['root'] / 'wan_sharded', folder)
+    os.remove(folder / 'diffusion_pytorch_model.safetensors.index.json')
+    assert _convert('--src', folder, '--dst', tmp_path / 'ok', '--dtype=float32') == 0
+    assert _convert('--src', files['root'] / 'wan', '--dst', tmp_path / 'ref', '--dtype=float32') == 0
+    _leaves_equal(ckpt.load(str(tmp_path / 'ok'))[1], ckpt.load(str(tmp_path / 'ref'))[1])
+    os.remove(folder / 'diffusion_pytorch_model-00002-of-00003.safetensors')
+    assert _convert('--src', folder, '--dst', tmp_path / 'no') == 2
+    assert 'incomplete set of shards' in capsys.readouterr().err and not (tmp_path / 'no').exists()
+    shutil.copytree(files['root'] / 'wan_sharded', tmp_path / 'lost')
+    os.remove(tmp_path / 'lost' / 'diffusion_pytorch_model-00003-of-00003.safetensors')
+    assert _convert('--src', tmp_path / 'lost', '--dst', tmp_path / 'no') == 2
+    assert "shard file(s) ['diffusion_pytorch_model-00003-of-00003.safetensors']" in capsys.readouterr().err
+
   def test_bfloat16_output(self, files, tmp_path):
     assert _convert('--src', files['root'] / 'wan', '--dst', tmp_path / 'bf', '--dtype=bfloat16') == 0
     cfg, params = ckpt.load(str(tmp_path / 'bf'))
