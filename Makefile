@@ -17,7 +17,7 @@ demo: setup
 	$(PY) -m kvjax.launch --method=bf16
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 plan: setup
 	$(PY) -m kvjax.launch --config=configs/self_forcing.py:wan2.1_t2v_1.3b --method=bf16 --plan

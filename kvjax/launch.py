@@ -4,7 +4,10 @@
   python -m kvjax.launch --method=bf16 --config=configs/self_forcing.py:wan2.1_t2v_1.3b --plan
   python -m kvjax.launch --list_methods
 
-Writes result.json, latents.npy and curves.csv under --outdir (default runs/<stamp>_...).
+Writes result.json, latents.npy and curves.csv under --outdir (default runs/<stamp>_...), and
+video.mp4 (16 fps) with --wan_dir:
+  python -m kvjax.launch --method=bf16 --checkpoint=CKPT --wan_dir=Wan2.1-T2V-1.3B \
+      --config=configs/self_forcing.py:wan2.1_t2v_1.3b --prompt="a cat surfing at sunset"
 """
 
 from __future__ import annotations
@@ -39,6 +42,13 @@ flags.DEFINE_enum('compute_dtype', None, ['float32', 'bfloat16'], 'Override the 
 flags.DEFINE_integer('window_frames', None, 'Frames of K/V visible to a block, its own included '
                      '(-1 = all).')
 flags.DEFINE_integer('sink_frames', None, 'First frames never evicted from the cache.')
+flags.DEFINE_string('wan_dir', None, 'Wan2.1 folder (original, diffusers or converted): the umT5 '
+                    'text encoder, its tokenizer and the VAE; writes video.mp4 beside result.json.')
+flags.DEFINE_string('prompt', None, 'Text prompt (needs --wan_dir).')
+flags.DEFINE_string('prompts_file', None, 'File with one prompt per line, run as a batch '
+                    '(needs --wan_dir).')
+flags.DEFINE_bool('free_text_encoder', True, 'Delete the text encoder from device memory before '
+                  'the DiT runs.')
 flags.DEFINE_bool('list_methods', False, 'List the cache methods and exit.')
 flags.DEFINE_bool('plan', False, 'Print sizes and compiled memory (abstract shapes only) and exit.')
 flags.DEFINE_bool('progress', True, 'Show a progress bar.')
@@ -71,7 +81,8 @@ def main(argv):
         noise_file=FLAGS.noise_file, text_states=FLAGS.text_states,
         compute_dtype=FLAGS.compute_dtype, window_frames=FLAGS.window_frames,
         sink_frames=FLAGS.sink_frames, outdir=None if FLAGS.plan else FLAGS.outdir,
-        method_args=FLAGS.method_args)
+        method_args=FLAGS.method_args, wan_dir=FLAGS.wan_dir, prompt=FLAGS.prompt,
+        prompts_file=FLAGS.prompts_file, free_text_encoder=FLAGS.free_text_encoder)
   except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
@@ -82,7 +93,8 @@ def main(argv):
   keys = ('method', 'config', 'frames', 'kv_cache_bytes', 'bf16_kv_cache_bytes',
           'compression_ratio', 'compile_s', 'runtime_s', 'latent_psnr', 'latent_rel_l2')
   print(json.dumps({k: result[k] for k in keys if k in result}, indent=2))
-  print(f"wrote {result['outdir']}")
+  videos = f" (+ {', '.join(result['videos'])})" if result.get('videos') else ''
+  print(f"wrote {result['outdir']}{videos}")
   return 0
 
 

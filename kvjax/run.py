@@ -26,6 +26,7 @@ from kvjax import cache as kvcache
 from kvjax import checkpoint as ckpt
 from kvjax import kernels
 from kvjax import metrics
+from kvjax import wan_dir as wan_io
 from kvjax.cache.base import CacheMethod, CacheSpec
 from kvjax.model import WanConfig, count_params
 from kvjax.sampler import Noise, SamplerConfig, SelfForcing, load_noise, make_noise, noise_shapes
@@ -55,6 +56,11 @@ class RunSettings:
   noise: Noise | None
   text_states: np.ndarray | None
   outdir: str | None
+  # Real text encoder / VAE (issue 4): a validated kvjax.wan_dir.WanDir, the prompts, and whether
+  # the encoder leaves device memory before the DiT runs.
+  wan_dir: Any = None
+  prompts: list[str] | None = None
+  free_text_encoder: bool = True
 
 
 def _load_text_states(path: str, model_cfg: WanConfig) -> np.ndarray:
@@ -93,7 +99,9 @@ def resolve(config: ml_collections.ConfigDict, *, method: str = 'bf16',
             noise_file: str | None = None, text_states: str | None = None,
             compute_dtype: str | None = None, window_frames: int | None = None,
             sink_frames: int | None = None, outdir: str | None = None,
-            method_args: str | None = None) -> RunSettings:
+            method_args: str | None = None, wan_dir: str | None = None,
+            prompt: str | None = None, prompts_file: str | None = None,
+            free_text_encoder: bool = True) -> RunSettings:
   """Validates every input and returns the run to execute; raises ValueError/FileNotFoundError.
 
   ``method_args`` overrides method parameters: 'key=value,key=value' (see --list_methods).
@@ -148,6 +156,20 @@ def resolve(config: ml_collections.ConfigDict, *, method: str = 'bf16',
   if height % ph or width % pw:
     raise ValueError(f'latent size {height}x{width} is not divisible by the patch {ph}x{pw}')
 
+  prompts = wan_io.read_prompts(prompt, prompts_file)
+  if prompts is not None:
+    if wan_dir is None:
+      raise ValueError('--prompt/--prompts_file need --wan_dir (the text encoder and tokenizer)')
+    if text_states is not None:
+      raise ValueError('give --prompt/--prompts_file or --text_states, not both')
+    if noise is not None and batch != len(prompts):
+      raise ValueError(f'{len(prompts)} prompt(s) but the noise file has batch {batch}')
+    batch = len(prompts)
+  wd = None
+  if wan_dir is not None:
+    wd = wan_io.validate(wan_dir, prompts, dit_text_dim=model_cfg.text_dim,
+                         latent_channels=model_cfg.out_dim)
+
   texts = None
   if text_states is not None:
     texts = _load_text_states(text_states, model_cfg)
@@ -179,7 +201,8 @@ def resolve(config: ml_collections.ConfigDict, *, method: str = 'bf16',
       sampler_cfg=sampler_cfg, method=m, spec=spec, batch=batch, frames=frames, height=height,
       width=width, seed=int(config.seed if seed is None else seed),
       weight_seed=int(config.get('weight_seed', 0)), impl=impl, reference=reference,
-      checkpoint=checkpoint, noise=noise, text_states=texts, outdir=outdir)
+      checkpoint=checkpoint, noise=noise, text_states=texts, outdir=outdir,
+      wan_dir=wd, prompts=prompts, free_text_encoder=free_text_encoder)
 
 
 def plan(s: RunSettings) -> dict[str, Any]:
@@ -256,6 +279,11 @@ def generate(s: RunSettings, *, progress: bool = True, log=print) -> dict[str, A
   noise = s.noise if s.noise is not None else make_noise(
       s.seed, s.batch, s.frames, s.model_cfg.in_dim, s.height, s.width, s.sampler_cfg)
   texts = s.text_states
+  text_info = None
+  if s.prompts:                              # encoded once, shared by the method and the reference
+    texts, text_info = wan_io.encode_prompts(s.wan_dir, s.prompts, text_len=s.model_cfg.text_len,
+                                             dtype=s.model_cfg.compute_dtype,
+                                             free=s.free_text_encoder)
   if texts is None:
     key = jax.random.key(s.seed + TEXT_SEED_OFFSET)
     texts = np.asarray(jax.random.normal(key, (s.batch, s.model_cfg.text_len, s.model_cfg.text_dim)))
@@ -296,9 +324,16 @@ def generate(s: RunSettings, *, progress: bool = True, log=print) -> dict[str, A
       compute_dtype=s.model_cfg.compute_dtype, config_full=s.config)
   if ref is not None:
     result.update(metrics.latent_fidelity(latents, ref))
+  video = None
+  if s.prompts:
+    result.update(prompts=s.prompts, **text_info)
+  if s.wan_dir is not None:                  # decoded block by block through one VAE stream
+    video, video_info = wan_io.decode_latents(s.wan_dir, latents,
+                                              block_frames=s.sampler_cfg.block_frames)
+    result.update(wan_dir=s.wan_dir.path, **video_info)
   curves = metrics.per_frame_curves(latents, ref)
   artifacts = s.method.artifacts(cache) if hasattr(s.method, 'artifacts') else {}
-  _write_atomic(outdir, result, latents, curves, artifacts)
+  _write_atomic(outdir, result, latents, curves, artifacts, video=video)
   result['outdir'] = outdir
   return result
 
@@ -312,7 +347,7 @@ def _json_default(o):
 
 
 def _write_atomic(outdir: str, result: dict, latents: np.ndarray, curves: dict,
-                  artifacts: dict | None = None) -> None:
+                  artifacts: dict | None = None, video: np.ndarray | None = None) -> None:
   import pandas as pd
   outdir = os.path.abspath(outdir)
   parent = os.path.dirname(outdir)
@@ -324,6 +359,10 @@ def _write_atomic(outdir: str, result: dict, latents: np.ndarray, curves: dict,
     for name, obj in (artifacts or {}).items():
       with open(os.path.join(stage, name), 'w') as f:
         json.dump(obj, f, indent=2, default=_json_default)
+    if video is not None:
+      from kvjax import video as video_io
+      result['videos'] = video_io.write_videos(stage, video)
+      result['fps'] = video_io.FPS
     with open(os.path.join(stage, 'result.json'), 'w') as f:
       json.dump(result, f, indent=2, default=_json_default)
     if os.path.isdir(outdir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,14 @@ from configs.self_forcing import get_config
 from kvjax import checkpoint as ckpt
 from kvjax.model import WanConfig
 from kvjax.sampler import SamplerConfig
+
+
+def pytest_addoption(parser):
+  parser.addoption(
+      '--real_checkpoint_dir', default=os.environ.get('KVJAX_REAL_CHECKPOINT_DIR'),
+      help='folder with self_forcing_dmd.pt and Wan2.1-T2V-1.3B/: runs the weight-port checks on '
+           'the real checkpoints (tests/real_checkpoint_test.py); env KVJAX_REAL_CHECKPOINT_DIR')
+
 
 HAS_TORCH = (importlib.util.find_spec('torch') is not None
              and importlib.util.find_spec('diffusers') is not None)
