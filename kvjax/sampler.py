@@ -33,13 +33,14 @@ import numpy as np
 from flax import nnx
 
 from kvjax.cache.base import AppendInfo, CacheMethod, CacheSpec
+from kvjax.configlib import FrozenConfig
 from kvjax.model import WanConfig, WanDiT
 
 f32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplerConfig:
+class SamplerConfig(FrozenConfig):
   denoising_steps: tuple[float, ...] = (1000, 750, 500, 250)
   warp_denoising_step: bool = True
   timestep_shift: float = 5.0
@@ -47,15 +48,10 @@ class SamplerConfig:
   block_frames: int = 3
   context_noise: float = 0.0
 
-  @classmethod
-  def from_dict(cls, d) -> 'SamplerConfig':
-    d = dict(d)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f'unknown sampler config keys {unknown}; valid: {sorted(names)}')
-    d['denoising_steps'] = tuple(float(s) for s in d.get('denoising_steps', cls.denoising_steps))
-    return cls(**d)
+  _what = 'sampler config'
+
+  def __post_init__(self):
+    object.__setattr__(self, 'denoising_steps', tuple(float(s) for s in self.denoising_steps))
 
 
 def shifted_grid(num_train_timesteps: int, shift: float) -> tuple[np.ndarray, np.ndarray]:

@@ -6,8 +6,9 @@ BF16, and compile-only memory at the full 1.3B config.
   python launch/bench_methods.py --out=bench.md               # also write the markdown
 
 Timing: the cache is filled by context passes of every block but the last (a full window),
-then the last block's denoising call and context pass are each run ``--repeats`` times after a
-warm-up; the median is reported. Memory: ``kvjax.run.plan`` (abstract shapes, nothing
+then the last block's denoising call and context pass are timed ``--repeats`` times, each run
+paired with a run of the BF16 reference (interleaved, so machine drift cancels); the tables
+report the method's median time and the median of the per-pair ratios. Memory: ``kvjax.run.plan`` (abstract shapes, nothing
 allocated): realized KV bytes and the compiled step's argument + temp bytes, with XLA CPU's
 float32 copies of bf16 weights (``cpu_weight_upcast_bytes``, identical for every method)
 subtracted so methods compare on what they add.
@@ -35,7 +36,8 @@ from kvjax import run  # noqa: E402
 from kvjax.sampler import SelfForcing  # noqa: E402
 
 
-def time_method(config_name: str, method: str, repeats: int, params_cache: dict) -> dict:
+def prepare(config_name: str, method: str, params_cache: dict):
+  """Compiled step functions of ``method`` and a cache filled up to the last block."""
   s = run.resolve(get_config(config_name), method=method, reference='none')
   cfg = s.model_cfg
   if config_name not in params_cache:
@@ -58,25 +60,40 @@ def time_method(config_name: str, method: str, repeats: int, params_cache: dict)
   start = jnp.int32((nb - 1) * bf)
   x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
   t = jnp.float32(sf.timesteps[1])
-
-  def timed(f):
-    jax.block_until_ready(f())
-    out = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(f())
-      out.append(time.perf_counter() - t0)
-    return statistics.median(out)
-
-  den = timed(lambda: fn['denoise'](params, x, t, cross, cache, start))
   box = [cache]
 
-  def ctx():
+  def denoise():
+    return fn['denoise'](params, x, t, cross, box[0], start)
+
+  def context():
     box[0] = fn['context'](params, x, cross, box[0], start)
     return box[0]
-  con = timed(ctx)
-  return dict(denoise_ms=1e3 * den, context_ms=1e3 * con, compile_s=compile_s,
-              kv_bytes=s.method.nbytes(box[0]), bf16_bytes=s.spec.bf16_bytes())
+
+  jax.block_until_ready(denoise())
+  jax.block_until_ready(context())
+  return dict(denoise=denoise, context=context, compile_s=compile_s, settings=s, box=box)
+
+
+def _once(f) -> float:
+  t0 = time.perf_counter()
+  jax.block_until_ready(f())
+  return time.perf_counter() - t0
+
+
+def time_against(ref: dict, run_: dict, repeats: int) -> dict:
+  """Interleaved A/B timing against the BF16 reference (cancels machine drift).
+
+  Returns the method's median times and the median of the per-pair ratios.
+  """
+  out = {}
+  for step in ('denoise', 'context'):
+    pairs = [(_once(ref[step]), _once(run_[step])) for _ in range(repeats)]
+    out[step + '_ms'] = 1e3 * statistics.median(p[1] for p in pairs)
+    out[step + '_ratio'] = statistics.median(p[1] / p[0] for p in pairs)
+  s = run_['settings']
+  out.update(compile_s=run_['compile_s'], kv_bytes=s.method.nbytes(run_['box'][0]),
+             bf16_bytes=s.spec.bf16_bytes())
+  return out
 
 
 def plan_method(method: str, config_name: str) -> dict:
@@ -112,18 +129,20 @@ def main(argv=None):
   params_cache: dict = {}
   for cfg in configs:
     rows = {}
+    ref = prepare(cfg, 'BF16', params_cache)
     for m in methods:
-      rows[m] = time_method(cfg, m, args.repeats, params_cache)
-      print(f'[{cfg}] {m:45s} denoise {rows[m]["denoise_ms"]:8.2f} ms  context {rows[m]["context_ms"]:8.2f} ms',
+      rows[m] = time_against(ref, ref if m == 'BF16' else prepare(cfg, m, params_cache), args.repeats)
+      print(f'[{cfg}] {m:45s} denoise {rows[m]["denoise_ms"]:8.2f} ms x{rows[m]["denoise_ratio"]:.2f}  '
+            f'context {rows[m]["context_ms"]:8.2f} ms x{rows[m]["context_ratio"]:.2f}',
             file=sys.stderr, flush=True)
     raw['timing'][cfg] = rows
-    b = rows['BF16']
-    lines += [f'\n### Step time, config `{cfg}` ({raw["backend"]}, median of {args.repeats})\n',
+    lines += [f'\n### Step time, config `{cfg}` ({raw["backend"]}; median of {args.repeats} '
+              'interleaved method/BF16 pairs)\n',
               '| method | denoise ms | x BF16 | context ms | x BF16 | KV bytes | ratio |',
               '|---|---:|---:|---:|---:|---:|---:|']
     for m, r in rows.items():
-      lines.append(f'| {m} | {r["denoise_ms"]:.2f} | {r["denoise_ms"] / b["denoise_ms"]:.2f} | '
-                   f'{r["context_ms"]:.2f} | {r["context_ms"] / b["context_ms"]:.2f} | '
+      lines.append(f'| {m} | {r["denoise_ms"]:.2f} | {r["denoise_ratio"]:.2f} | '
+                   f'{r["context_ms"]:.2f} | {r["context_ratio"]:.2f} | '
                    f'{r["kv_bytes"]:,} | {r["bf16_bytes"] / r["kv_bytes"]:.3f} |')
   if not args.no_plan:
     rows = {}

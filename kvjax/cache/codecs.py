@@ -110,7 +110,7 @@ class SymRTN(Codec):
     codes = packing.unpack(rec['codes'], self.bits)
     scale = from_storage(rec['scale'], F16)
     tok = quant.expand_groups(scale, codes.shape[2], self.group)
-    return quant.sym_dequant(codes, tok, self.bits, _DEQUANT[self.dequant_dtype]).astype(dtype)
+    return quant.cast(quant.sym_dequant(codes, tok, self.bits, _DEQUANT[self.dequant_dtype]), dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +150,7 @@ class AsymGroup(Codec):
     p = codes.shape[2]
     scale = quant.expand_groups(from_storage(rec['scale'], F16), p, self.group)
     zp = quant.expand_groups(from_storage(rec['zp'], F16), p, self.group)
-    return quant.asym_dequant(codes, scale, zp, _DEQUANT[self.dequant_dtype]).astype(dtype)
+    return quant.cast(quant.asym_dequant(codes, scale, zp, _DEQUANT[self.dequant_dtype]), dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +181,7 @@ class AsymToken(Codec):
     codes = packing.unpack(rec['codes'], self.bits)
     scale = from_storage(rec['scale'], F16)[..., None, None]
     zp = from_storage(rec['zp'], F16)[..., None, None]
-    return quant.asym_dequant(codes, scale, zp, _DEQUANT[self.dequant_dtype]).astype(dtype)
+    return quant.cast(quant.asym_dequant(codes, scale, zp, _DEQUANT[self.dequant_dtype]), dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,7 +240,7 @@ class PRQ(Codec):
     s1, s2 = self._stages
     base = {k[5:]: v for k, v in rec.items() if k.startswith('base_')}
     res = {k[4:]: v for k, v in rec.items() if k.startswith('res_')}
-    return (s1.decode(base, f32) + s2.decode(res, f32)).astype(dtype)
+    return quant.cast(s1.decode(base, f32) + s2.decode(res, f32), dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,7 +307,7 @@ class Outliers(Codec):
     idx = rec['out_idx'].reshape(b * nf, -1)
     rows = jnp.arange(b * nf)[:, None]
     flat = flat.at[rows, idx].set(vals.reshape(b * nf, -1), mode='drop')
-    return flat.reshape(b, nf, p, n, h).astype(dtype)
+    return quant.cast(flat.reshape(b, nf, p, n, h), dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,4 +345,4 @@ class Spatial(Codec):
     bg = self.bg.decode({k[3:]: v for k, v in rec.items() if k.startswith('bg_')}, f32)
     if self.bg.rotated:
       bg = quant.fwht(bg, f32)
-    return jnp.concatenate([fg, bg], axis=2).astype(dtype)
+    return quant.cast(jnp.concatenate([fg, bg], axis=2), dtype)

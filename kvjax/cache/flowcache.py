@@ -498,12 +498,10 @@ class FlowCache(CacheMethod):
         vs.append(jnp.repeat(src.v, p, axis=1))
         bs.append(jnp.repeat(jnp.where(ok, 0.0, -jnp.inf), p, axis=1))
         continue
-      for j in range(src.order.shape[0]):
-        jj = jnp.minimum(j, jnp.maximum(src.num_chunks - 1, 0))
-        k, v, bias = src.chunk(jj)
-        ks.append(k)
-        vs.append(v)
-        bs.append(jnp.where(j < src.num_chunks, bias, -jnp.inf))
+      k, v, bias = kernels.materialize_source(src, src.order.shape[0])
+      ks.append(k)
+      vs.append(v)
+      bs.append(bias)
     return jnp.concatenate(ks, 1), jnp.concatenate(vs, 1), jnp.concatenate(bs, 1)
 
 

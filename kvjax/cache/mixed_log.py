@@ -94,6 +94,13 @@ def plan_layout(sizes: np.ndarray, total_frames: int, block: int, capacity: int,
     cap += step
 
 
+def _by_tier(tier, branch, num_tiers: int, operand):
+  """lax.switch over the static per-tier functions ``branch(t)`` (a plain call for one tier)."""
+  if num_tiers == 1:
+    return branch(0)(operand)
+  return jax.lax.switch(tier, [branch(t) for t in range(num_tiers)], operand)
+
+
 class LogSource:
   """Chunked KV source over the visible frames of one layer of a LogState."""
 
@@ -164,10 +171,7 @@ class MixedLogMethod(CacheMethod):
         return kc.decode(rec['k'], dtype)[:, 0], vc.decode(rec['v'], dtype)[:, 0]
       return fn
 
-    branches = [branch(t) for t in range(len(lay['codecs']))]
-    if len(branches) == 1:
-      return branches[0](off)
-    return jax.lax.switch(tier, branches, off)
+    return _by_tier(tier, branch, len(lay['codecs']), off)
 
   def _encode_frame(self, state: LogState, layer, frame, x_k, x_v):
     spec = state.spec
@@ -194,10 +198,7 @@ class MixedLogMethod(CacheMethod):
         return st.replace(data=data, stats=stats)
       return fn
 
-    branches = [branch(t) for t in range(len(lay['codecs']))]
-    if len(branches) == 1:
-      return branches[0](state)
-    return jax.lax.switch(tier, branches, state)
+    return _by_tier(tier, branch, len(lay['codecs']), state)
 
   # ------------------------------------------------------------------ protocol
   def append(self, state: LogState, layer, k, v, info: AppendInfo) -> LogState:
@@ -218,15 +219,8 @@ class MixedLogMethod(CacheMethod):
     return kernels.attention(q, LogSource(self, state, layer, q.dtype), impl=impl)
 
   def materialize(self, state: LogState, layer):
-    spec = state.spec
-    src = LogSource(self, state, layer, f32)
-    ks, vs, bs = [], [], []
-    for j in range(spec.capacity_frames):
-      k, v, bias = src.chunk(jnp.minimum(j, jnp.maximum(src.num_chunks - 1, 0)))
-      ks.append(k)
-      vs.append(v)
-      bs.append(jnp.where(j < src.num_chunks, bias, -jnp.inf))
-    return jnp.concatenate(ks, 1), jnp.concatenate(vs, 1), jnp.concatenate(bs, 1)
+    return kernels.materialize_source(LogSource(self, state, layer, f32),
+                                      state.spec.capacity_frames)
 
 
 @functools.lru_cache(maxsize=64)

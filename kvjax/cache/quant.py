@@ -63,6 +63,32 @@ def expand_groups(s: jax.Array, p: int, g: int) -> jax.Array:
   return jnp.concatenate([head, tail], axis=2)
 
 
+# ---------------------------------------------------------------- bf16 rounding
+def round_bf16(y: jax.Array) -> jax.Array:
+  """float32 -> float32 rounded to bfloat16 precision (round to nearest even), integer ops only.
+
+  Equals ``y.astype(bfloat16).astype(float32)`` for finite values; XLA CPU has no native bf16
+  arithmetic and its float conversions are several times slower than these integer ops.
+  """
+  u = jax.lax.bitcast_convert_type(y.astype(f32), jnp.uint32)
+  u = (u + (jnp.uint32(0x7FFF) + ((u >> 16) & 1))) & jnp.uint32(0xFFFF0000)
+  return jax.lax.bitcast_convert_type(u, f32)
+
+
+def cast(y: jax.Array, dtype) -> jax.Array:
+  """``y.astype(dtype)``; float32 -> bfloat16 through integer rounding on CPU (same values)."""
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.dtype(jnp.bfloat16) and y.dtype == f32 and jax.default_backend() == 'cpu':
+    u = jax.lax.bitcast_convert_type(round_bf16(y), jnp.uint32) >> 16
+    return jax.lax.bitcast_convert_type(u.astype(jnp.uint16), jnp.bfloat16)
+  return y.astype(dtype)
+
+
+def dequant_math(y: jax.Array, dtype) -> jax.Array:
+  """Rounds a float32 value to what arithmetic in ``dtype`` (float32 or bfloat16) would give."""
+  return round_bf16(y) if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) else y.astype(f32)
+
+
 # ---------------------------------------------------------------- symmetric round-to-nearest
 def sym_qmax(bits: int) -> int:
   return 2 ** (bits - 1) - 1
@@ -82,8 +108,9 @@ def sym_codes(x: jax.Array, scale_tok: jax.Array, bits: int, dtype) -> jax.Array
 
 
 def sym_dequant(codes: jax.Array, scale_tok: jax.Array, bits: int, dtype) -> jax.Array:
-  q = codes.astype(jnp.int32) - 2 ** (bits - 1)
-  return q.astype(dtype) * scale_tok.astype(dtype)
+  """q * scale computed in ``dtype`` (values exactly as that arithmetic), returned float32."""
+  q = codes.astype(f32) - float(2 ** (bits - 1))
+  return dequant_math(q * dequant_math(scale_tok.astype(f32), dtype), dtype)
 
 
 # ---------------------------------------------------------------- asymmetric min/max
@@ -108,7 +135,9 @@ def asym_codes(x, scale_tok, zp_tok, bits: int, dtype):
 
 
 def asym_dequant(codes, scale_tok, zp_tok, dtype):
-  return (codes.astype(dtype) - zp_tok.astype(dtype)) * scale_tok.astype(dtype)
+  """(q - zp) * scale computed in ``dtype``, returned float32."""
+  d = dequant_math(codes.astype(f32) - dequant_math(zp_tok.astype(f32), dtype), dtype)
+  return dequant_math(d * dequant_math(scale_tok.astype(f32), dtype), dtype)
 
 
 # ---------------------------------------------------------------- Walsh-Hadamard transform

@@ -232,21 +232,12 @@ class FrameRingMethod(CacheMethod):
 
   def materialize(self, state: RingState, layer):
     spec = state.spec
-    b, p, n, h = spec.batch, spec.frame_tokens, spec.num_heads, spec.head_dim
-    ks, vs, biases = [], [], []
-    for src in self.sources(state, layer, jnp.float32):
-      cap = jax.tree.leaves(src.kf)[0].shape[2]
-      for j in range(cap):
-        k, v, bias = src.chunk(j)
-        if src.rotated:
-          k, v = quant.fwht(k, f32), quant.fwht(v, f32)
-        ks.append(k)
-        vs.append(v)
-        biases.append(jnp.where(j < src.num_chunks, bias, -jnp.inf))
-    if not ks:
-      z = jnp.zeros((b, 0, n, h), f32)
-      return z, z, jnp.zeros((b, 0), f32)
-    return jnp.concatenate(ks, 1), jnp.concatenate(vs, 1), jnp.concatenate(biases, 1)
+    parts = [kernels.materialize_source(src, jax.tree.leaves(src.kf)[0].shape[2])
+             for src in self.sources(state, layer, f32)]
+    if not parts:
+      z = jnp.zeros((spec.batch, 0, spec.num_heads, spec.head_dim), f32)
+      return z, z, jnp.zeros((spec.batch, 0), f32)
+    return tuple(jnp.concatenate(x, 1) for x in zip(*parts))
 
   def refresh(self, state: RingState) -> RingState:
     """Decodes and re-encodes every stored frame (``requantize='every_call'``)."""

@@ -54,6 +54,11 @@ def _scores(q, k, bias, scale):
   return s * scale + bias[:, None, None, :]
 
 
+def cast(x, dtype):
+  from kvjax.cache.quant import cast as _cast
+  return _cast(x, dtype)
+
+
 def _walk(q, source, carry, scale):
   """Online-softmax update of (m, l, acc) over the chunks of one source."""
 
@@ -66,7 +71,7 @@ def _walk(q, source, carry, scale):
     p = jnp.exp(s - m_safe[..., None])
     corr = jnp.exp(m - m_safe)
     l = l * corr + jnp.sum(p, axis=-1)
-    pv = jnp.einsum('BNTS,BSNH->BNTH', p.astype(q.dtype), v.astype(q.dtype),
+    pv = jnp.einsum('BNTS,BSNH->BNTH', cast(p, q.dtype), v.astype(q.dtype),
                     preferred_element_type=f32)
     acc = acc * corr[..., None] + pv
     return m_new, l, acc
@@ -111,6 +116,26 @@ def chunked_attention(q: jax.Array, source, *, scale: float | None = None):
   out = jnp.where(ok[..., None], acc / jnp.where(ok, l, 1.0)[..., None], 0.0)
   lse = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), NEG_INF)
   return out.transpose(0, 2, 1, 3).astype(q.dtype), lse
+
+
+def materialize_source(source, max_chunks: int):
+  """Reference/debug: every chunk of a source concatenated, chunks past ``num_chunks`` masked.
+
+  Returns:
+    k, v: [B, max_chunks * S, N, H]; bias: [B, max_chunks * S] (-inf for unused chunks).
+    Values of a ``rotated`` source are returned un-rotated.
+  """
+  from kvjax.cache.quant import fwht
+  ks, vs, bs = [], [], []
+  last = jnp.maximum(source.num_chunks - 1, 0)
+  for j in range(max_chunks):
+    k, v, bias = source.chunk(jnp.minimum(j, last))
+    if getattr(source, 'rotated', False):
+      k, v = fwht(k, f32), fwht(v, f32)
+    ks.append(k)
+    vs.append(v)
+    bs.append(jnp.where(j < source.num_chunks, bias, NEG_INF))
+  return jnp.concatenate(ks, 1), jnp.concatenate(vs, 1), jnp.concatenate(bs, 1)
 
 
 def merge(out_a, lse_a, out_b, lse_b):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 import jax.numpy as jnp
+from kvjax.configlib import FrozenConfig
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -20,7 +21,7 @@ def as_dtype(name: Any) -> jnp.dtype:
 
 
 @dataclasses.dataclass(frozen=True)
-class WanConfig:
+class WanConfig(FrozenConfig):
   """Hyper-parameters of the Wan2.1 text-to-video DiT (see spec/model.md section 1.1).
 
   Attributes:
@@ -36,6 +37,8 @@ class WanConfig:
     rope_theta: RoPE base; rope_max_frames: positions per axis in the RoPE table.
     param_dtype / compute_dtype: storage dtype of the weights / dtype of activations and matmuls.
   """
+  _what = 'model config'
+
   dim: int = 1536
   ffn_dim: int = 8960
   freq_dim: int = 256
@@ -83,20 +86,5 @@ class WanConfig:
   def cdtype(self) -> jnp.dtype:
     return as_dtype(self.compute_dtype)
 
-  def replace(self, **kw) -> 'WanConfig':
-    return dataclasses.replace(self, **kw)
 
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> 'WanConfig':
-    """Builds from a mapping (ConfigDict or config.json); unknown keys raise."""
-    d = dict(d)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f'unknown model config keys {unknown}; valid: {sorted(names)}')
-    return cls(**d)
 
-  def to_dict(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
-    d['patch_size'] = list(self.patch_size)
-    return d

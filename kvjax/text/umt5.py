@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +22,13 @@ from flax import nnx
 
 from kvjax.model.config import as_dtype
 from kvjax.model.layers import Dense, gelu_tanh
+from kvjax.configlib import FrozenConfig
 
 f32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
-class UMT5Config:
+class UMT5Config(FrozenConfig):
   """Hyper-parameters of the umT5 encoder (defaults: umT5-XXL, spec/model.md section 4.1).
 
   Attributes:
@@ -41,6 +41,8 @@ class UMT5Config:
     eps: RMSNorm epsilon.
     param_dtype / compute_dtype: storage / activation dtype; norms and softmax are float32.
   """
+  _what = 'umT5 config'
+
   vocab_size: int = 256384
   dim: int = 4096
   num_heads: int = 64
@@ -63,20 +65,8 @@ class UMT5Config:
   def inner_dim(self) -> int:
     return self.num_heads * self.head_dim
 
-  def replace(self, **kw) -> 'UMT5Config':
-    return dataclasses.replace(self, **kw)
 
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> 'UMT5Config':
-    d = dict(d)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f'unknown umT5 config keys {unknown}; valid: {sorted(names)}')
-    return cls(**d)
 
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
 
 
 def relative_buckets(q_len: int, k_len: int, num_buckets: int, max_distance: int) -> np.ndarray:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
 
 from kvjax.model.config import as_dtype
+from kvjax.configlib import FrozenConfig
 
 # Per-channel statistics of Wan2.1 latents (published with the model; diffusers' latents_mean/std).
 # The sampler works with normalized latents (z - mean) / std; decoding starts with z * std + mean.
@@ -16,7 +16,7 @@ LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(FrozenConfig):
   """Hyper-parameters of the Wan2.1 VAE decoder.
 
   Attributes:
@@ -31,6 +31,8 @@ class VAEConfig:
     param_dtype / compute_dtype: storage dtype / activation and convolution dtype. Norms, the
       attention softmax and de-normalisation are float32.
   """
+  _what = 'VAE config'
+
   dim: int = 96
   z_dim: int = 16
   dim_mult: tuple[int, ...] = (1, 2, 4, 4)
@@ -83,17 +85,5 @@ class VAEConfig:
     """Video frames decoded from ``latent_frames`` (the first latent frame gives one frame)."""
     return 1 + self.temporal_factor * (latent_frames - 1) if latent_frames else 0
 
-  def replace(self, **kw) -> 'VAEConfig':
-    return dataclasses.replace(self, **kw)
 
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> 'VAEConfig':
-    d = dict(d)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f'unknown VAE config keys {unknown}; valid: {sorted(names)}')
-    return cls(**d)
 
-  def to_dict(self) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
