@@ -6,8 +6,9 @@ BF16, and compile-only memory at the full 1.3B config.
   python launch/bench_methods.py --out=bench.md               # also write the markdown
 
 Timing: the cache is filled by context passes of every block but the last (a full window),
-then the last block's denoising call and context pass are timed ``--repeats`` times, each run
-paired with a run of the BF16 reference (interleaved, so machine drift cancels); the tables
+then the last block's denoising call and context pass are timed ``--repeats`` times (a sample
+repeats the call until it lasts >= 50 ms and reports the mean per call), each sample
+paired with one of the BF16 reference (which runs first alternates) (interleaved, so machine drift cancels); the tables
 report the method's median time and the median of the per-pair ratios. Memory: ``kvjax.run.plan`` (abstract shapes, nothing
 allocated): realized KV bytes and the compiled step's argument + temp bytes, with XLA CPU's
 float32 copies of bf16 weights (``cpu_weight_upcast_bytes``, identical for every method)
@@ -74,10 +75,23 @@ def prepare(config_name: str, method: str, params_cache: dict):
   return dict(denoise=denoise, context=context, compile_s=compile_s, settings=s, box=box)
 
 
-def _once(f) -> float:
+MIN_SAMPLE_S = 0.05  # each timing sample repeats a call until it lasts about this long
+
+
+def _inner_calls(f) -> int:
+  """Calls per timing sample so a sample lasts >= MIN_SAMPLE_S (tiny steps take ~2 ms)."""
   t0 = time.perf_counter()
   jax.block_until_ready(f())
-  return time.perf_counter() - t0
+  return max(1, int(np.ceil(MIN_SAMPLE_S / max(time.perf_counter() - t0, 1e-6))))
+
+
+def _once(f, n: int) -> float:
+  """Mean seconds per call over ``n`` back-to-back calls."""
+  t0 = time.perf_counter()
+  for _ in range(n):
+    out = f()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / n
 
 
 def time_against(ref: dict, run_: dict, repeats: int) -> dict:
@@ -87,7 +101,15 @@ def time_against(ref: dict, run_: dict, repeats: int) -> dict:
   """
   out = {}
   for step in ('denoise', 'context'):
-    pairs = [(_once(ref[step]), _once(run_[step])) for _ in range(repeats)]
+    n = max(_inner_calls(ref[step]), _inner_calls(run_[step]))
+    pairs = []
+    for i in range(repeats):  # alternate which runs first (ABBA), so order effects cancel
+      if i % 2:
+        b = _once(run_[step], n)
+        pairs.append((_once(ref[step], n), b))
+      else:
+        a = _once(ref[step], n)
+        pairs.append((a, _once(run_[step], n)))
     out[step + '_ms'] = 1e3 * statistics.median(p[1] for p in pairs)
     out[step + '_ratio'] = statistics.median(p[1] / p[0] for p in pairs)
   s = run_['settings']
@@ -155,7 +177,7 @@ def main(argv=None):
               '| method | KV bytes | ratio | denoise step | x BF16 | context pass | x BF16 | full-size float cache copies |',
               '|---|---:|---:|---:|---:|---:|---:|---|']
     for m, r in rows.items():
-      copies = r['denoise_step_full_copies'] + r['context_pass_full_copies']
+      copies = sorted(set(r['denoise_step_full_copies'] + r['context_pass_full_copies']))
       lines.append(f'| {m} | {r["kv_bytes"]:,} | {r["ratio"]:.3f} | {r["denoise_step"]:,} | '
                    f'{r["denoise_step"] / b["denoise_step"]:.3f} | {r["context_pass"]:,} | '
                    f'{r["context_pass"] / b["context_pass"]:.3f} | {", ".join(copies) or "none"} |')

@@ -53,3 +53,16 @@ def test_audit_catches_a_dequantizing_attention():
   text_good = jax.jit(good).lower(state, q).compile().as_text()
   assert full_extent_float_arrays(text_bad, 20, [7])
   assert full_extent_float_arrays(text_good, 20, [7]) == []
+
+
+def test_audit_tells_head_major_chunks_from_store_copies():
+  """A store of 12 slots and 12 heads: one frame heads-first is not a store copy; the store is."""
+  kw = dict(frame_tokens=1560, slot_counts=[18, 12], block_frames=3, num_heads=12)
+  chunk = 'x = bf16[1,12,1560,128] fusion(y), y = bf16[12,1560,128] copy(z)'
+  assert full_extent_float_arrays(chunk, **kw) == []
+  store = 'x = bf16[1,12,1560,12,128] fusion(y)'            # [B, c=12, P, N, H]
+  assert full_extent_float_arrays(store, **kw) == ['bf16[1,12,1560,12,128]']
+  moved = 'x = f32[1,12,12,1560,128] transpose(y)'          # [B, N, c=12, P, H]
+  assert full_extent_float_arrays(moved, **kw) == ['f32[1,12,12,1560,128]']
+  ring = 'x = f32[1,18,1560,12,128] fusion(y)'              # the 18-frame ring, whole
+  assert full_extent_float_arrays(ring, **kw) == ['f32[1,18,1560,12,128]']

@@ -72,13 +72,18 @@ def write_record(fields: dict, layer, slot, rec: dict) -> dict:
   return {k: _write_frame(a, layer, slot, rec[k]) for k, a in fields.items()}
 
 
+def _part(fields: dict, part: str) -> dict:
+  """The fields of one part ('fg' or 'bg') of a Spatial codec's record, prefix removed."""
+  return {k[len(part) + 1:]: a for k, a in fields.items() if k.startswith(part + '_')}
+
+
 class RecordSource:
   """Chunked KV source over the first ``num_chunks`` frame slots of a ring of codec records."""
 
-  def __init__(self, kf, vf, kc: C.Codec, vc: C.Codec, layer, num_chunks, dtype, frame_tokens):
+  def __init__(self, kf, vf, kc: C.Codec, vc: C.Codec, layer, num_chunks, dtype, chunk_tokens):
     self.kf, self.vf, self.kc, self.vc = kf, vf, kc, vc
     self.layer, self.num_chunks, self.dtype = layer, num_chunks, dtype
-    self.chunk_tokens = frame_tokens
+    self.chunk_tokens = chunk_tokens  # the tokens of one frame record
     self.rotated = kc.rotated
     if kc.rotated != vc.rotated:
       raise ValueError('keys and values of one store must share the rotation')
@@ -215,7 +220,13 @@ class FrameRingMethod(CacheMethod):
     kc, vc = self.codecs(spec)
     n_q, n_recent = self._counts(state, layer)
     out = []
-    if cq:
+    if cq and isinstance(kc, C.Spatial) and (kc.fg.rotated or kc.bg.rotated):
+      # A rotated part is walked as its own source in the Hadamard basis (the query is rotated
+      # instead of every decoded chunk being un-rotated): foreground then background tokens.
+      for part, tokens in (('fg', kc.n_fg), ('bg', spec.frame_tokens - kc.n_fg)):
+        out.append(RecordSource(_part(state.k, part), _part(state.v, part), getattr(kc, part),
+                                getattr(vc, part), layer, n_q, dtype, tokens))
+    elif cq:
       out.append(RecordSource(state.k, state.v, kc, vc, layer, n_q, dtype, spec.frame_tokens))
     if r:
       dense = C.Dense(spec.dtype)

@@ -25,7 +25,10 @@ def full_extent_float_arrays(hlo_text: str, frame_tokens: int, slot_counts,
   slot count c > block_frames is a float (dequantized or upcast) copy of a whole store: the thing
   kvjax must never build (stores of at most a block's frames cannot be told from the current
   block's own K/V and are skipped, as is the flattened dim block_frames * num_heads * P of the
-  block's queries). Use distinctive sizes in tests to avoid chance matches.
+  block's queries). A pair (N, P) where a store happens to have N = num_heads slots is read as a
+  head-major chunk [.., N, P, H] (one frame, heads first) unless a heads dim sits right after P
+  (the stores' slot-major layout [.., c, P, N, H]) or right before N. Use distinctive sizes in
+  tests to avoid chance matches.
 
   Returns:
     Sorted unique offending type strings, e.g. ['f32[2,1,7,20,2,32]'].
@@ -35,7 +38,12 @@ def full_extent_float_arrays(hlo_text: str, frame_tokens: int, slot_counts,
   counts = {int(c) for c in slot_counts if int(c) > max(block_frames, 1)}
   for m in _ELEM.finditer(hlo_text):
     dims = [int(d) for d in m.group(2).split(',') if d]
-    slots = any(a in counts and b == p for a, b in zip(dims, dims[1:]))
+    slots = False
+    for i in range(len(dims) - 1):
+      if dims[i] in counts and dims[i + 1] == p:
+        head_major = dims[i] == num_heads and not (
+            (i + 2 < len(dims) and dims[i + 2] == num_heads) or (i > 0 and dims[i - 1] == num_heads))
+        slots = slots or not head_major
     flat = any(d % p == 0 and d // p in counts and d // p != block_frames * num_heads
                for d in dims)
     if slots or flat:
