@@ -41,6 +41,13 @@ def _check_dequant(d: str):
     raise ValueError(f'unsupported dequant_dtype {d!r}; valid: {sorted(_DEQUANT)}')
 
 
+def _check_grouped(codec):
+  """Validates the bits, group and dequant_dtype fields of a grouped quantizer codec."""
+  packing.check_bits(codec.bits)
+  _check_group(codec.group)
+  _check_dequant(codec.dequant_dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class Codec:
   """Base codec (see module docstring)."""
@@ -88,9 +95,7 @@ class SymRTN(Codec):
   dequant_dtype: str = 'float32'
 
   def __post_init__(self):
-    packing.check_bits(self.bits)
-    _check_group(self.group)
-    _check_dequant(self.dequant_dtype)
+    _check_grouped(self)
 
   def fields(self, b, f, p, n, h):
     return {'codes': _sds((b, f, p, n, packing.packed_width(h, self.bits)), jnp.uint8),
@@ -125,9 +130,7 @@ class AsymGroup(Codec):
   dequant_dtype: str = 'float32'
 
   def __post_init__(self):
-    packing.check_bits(self.bits)
-    _check_group(self.group)
-    _check_dequant(self.dequant_dtype)
+    _check_grouped(self)
 
   def fields(self, b, f, p, n, h):
     g = quant.num_groups(p, self.group)

@@ -149,12 +149,15 @@ class MixedLogMethod(CacheMethod):
                     stats=self.init_stats(spec), spec=spec)
 
   # ------------------------------------------------------------------ (de)serialization
-  def decode_frame(self, state: LogState, layer, frame, dtype):
-    spec = state.spec
+  def _placed(self, spec: CacheSpec, frame):
+    """(layout, byte offset, tier index) of buffer frame ``frame`` (may be traced)."""
     lay = self.layout(spec)
-    b = spec.batch
-    off = jnp.asarray(lay['offsets'], jnp.int32)[frame]
-    tier = jnp.asarray(lay['tiers'], jnp.int32)[frame]
+    return (lay, jnp.asarray(lay['offsets'], jnp.int32)[frame],
+            jnp.asarray(lay['tiers'], jnp.int32)[frame])
+
+  def decode_frame(self, state: LogState, layer, frame, dtype):
+    b = state.spec.batch
+    lay, off, tier = self._placed(state.spec, frame)
 
     def branch(t):
       fields, size = lay['fields'][t]
@@ -175,10 +178,8 @@ class MixedLogMethod(CacheMethod):
 
   def _encode_frame(self, state: LogState, layer, frame, x_k, x_v):
     spec = state.spec
-    lay = self.layout(spec)
     b = spec.batch
-    off = jnp.asarray(lay['offsets'], jnp.int32)[frame]
-    tier = jnp.asarray(lay['tiers'], jnp.int32)[frame]
+    lay, off, tier = self._placed(spec, frame)
 
     def branch(t):
       fields, size = lay['fields'][t]

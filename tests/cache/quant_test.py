@@ -147,3 +147,21 @@ def test_record_bytes_match_the_accounting():
   assert C.PRQ(4, 4).record_bytes(p, n, h) == 4 * 2 * (780 + 97 * 2)
   # 1560 * 2 B of BF16 per channel over (780 + 194) B: at least the nominal 3.2x.
   assert 2 * 1560 / (780 + 194) >= 3.2
+
+
+def test_integer_bf16_rounding_equals_astype():
+  """round_bf16 / cast (integer ops) give exactly astype's round-to-nearest-even bf16 values."""
+  rng = np.random.default_rng(7)
+  bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+  x = bits.view(np.float32)
+  x = x[np.isfinite(x) & (np.abs(x) < 3.0e38)]           # finite, away from the overflow edge
+  ties = (np.arange(1, 1000, dtype=np.uint32) << 16 | 0x8000).view(np.float32)  # exact halfway
+  x = jnp.asarray(np.concatenate([x, ties, -ties, np.float32([0.0, -0.0, 1e-40, -1e-40])]))
+  want = x.astype(jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(quant.round_bf16(x)), np.asarray(want.astype(jnp.float32)))
+  got = quant.cast(x, jnp.bfloat16)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(got.view(jnp.uint16)), np.asarray(want.view(jnp.uint16)))
+  truncated = jax.lax.bitcast_convert_type(
+      jax.lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFF0000), jnp.float32)
+  assert np.any(np.asarray(truncated) != np.asarray(want.astype(jnp.float32)))   # control
