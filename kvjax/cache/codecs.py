@@ -341,11 +341,31 @@ class Spatial(Codec):
     bg = self.bg.encode(xs[:, :, self.n_fg:], aux)
     return {**{f'fg_{k}': v for k, v in fg.items()}, **{f'bg_{k}': v for k, v in bg.items()}}
 
+  def decode(self, rec, dtype, rotated: bool = False):
+    """Foreground then background tokens, in the plain basis or (``rotated``) the Hadamard one.
+
+    Each part is transformed only if its codec's basis differs from the one asked for, so a
+    QuaRot foreground read ``rotated`` costs no transform (attention rotates the query instead)
+    and only the smaller background part is rotated.
+    """
+    parts = []
+    for name, codec in (('fg', self.fg), ('bg', self.bg)):
+      x = codec.decode({k[3:]: v for k, v in rec.items() if k.startswith(name + '_')}, f32)
+      parts.append(quant.fwht(x, f32) if codec.rotated != rotated else x)
+    return quant.cast(jnp.concatenate(parts, axis=2), dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class InRotatedBasis(Codec):
+  """Reads a Spatial codec's records in the Hadamard basis (``rotated``); decode only."""
+  inner: Spatial = Spatial()
+  rotated = True
+
+  def fields(self, b, f, p, n, h):
+    return self.inner.fields(b, f, p, n, h)
+
+  def encode(self, x, aux=None):
+    raise TypeError('InRotatedBasis only reads records; encode with the Spatial codec')
+
   def decode(self, rec, dtype):
-    fg = self.fg.decode({k[3:]: v for k, v in rec.items() if k.startswith('fg_')}, f32)
-    if self.fg.rotated:
-      fg = quant.fwht(fg, f32)
-    bg = self.bg.decode({k[3:]: v for k, v in rec.items() if k.startswith('bg_')}, f32)
-    if self.bg.rotated:
-      bg = quant.fwht(bg, f32)
-    return quant.cast(jnp.concatenate([fg, bg], axis=2), dtype)
+    return self.inner.decode(rec, dtype, rotated=True)

@@ -67,12 +67,14 @@ def expand_groups(s: jax.Array, p: int, g: int) -> jax.Array:
 def round_bf16(y: jax.Array) -> jax.Array:
   """float32 -> float32 rounded to bfloat16 precision (round to nearest even), integer ops only.
 
-  Equals ``y.astype(bfloat16).astype(float32)`` for finite values; XLA CPU has no native bf16
+  Equals ``y.astype(bfloat16).astype(float32)``; every NaN becomes the quiet NaN (one whose
+  payload sits in the low bits only would otherwise round to Inf). XLA CPU has no native bf16
   arithmetic and its float conversions are several times slower than these integer ops.
   """
-  u = jax.lax.bitcast_convert_type(y.astype(f32), jnp.uint32)
+  y = y.astype(f32)
+  u = jax.lax.bitcast_convert_type(y, jnp.uint32)
   u = (u + (jnp.uint32(0x7FFF) + ((u >> 16) & 1))) & jnp.uint32(0xFFFF0000)
-  return jax.lax.bitcast_convert_type(u, f32)
+  return jnp.where(jnp.isnan(y), jnp.float32(jnp.nan), jax.lax.bitcast_convert_type(u, f32))
 
 
 def cast(y: jax.Array, dtype) -> jax.Array:

@@ -72,11 +72,6 @@ def write_record(fields: dict, layer, slot, rec: dict) -> dict:
   return {k: _write_frame(a, layer, slot, rec[k]) for k, a in fields.items()}
 
 
-def _part(fields: dict, part: str) -> dict:
-  """The fields of one part ('fg' or 'bg') of a Spatial codec's record, prefix removed."""
-  return {k[len(part) + 1:]: a for k, a in fields.items() if k.startswith(part + '_')}
-
-
 class RecordSource:
   """Chunked KV source over the first ``num_chunks`` frame slots of a ring of codec records."""
 
@@ -221,12 +216,10 @@ class FrameRingMethod(CacheMethod):
     n_q, n_recent = self._counts(state, layer)
     out = []
     if cq and isinstance(kc, C.Spatial) and (kc.fg.rotated or kc.bg.rotated):
-      # A rotated part is walked as its own source in the Hadamard basis (the query is rotated
-      # instead of every decoded chunk being un-rotated): foreground then background tokens.
-      for part, tokens in (('fg', kc.n_fg), ('bg', spec.frame_tokens - kc.n_fg)):
-        out.append(RecordSource(_part(state.k, part), _part(state.v, part), getattr(kc, part),
-                                getattr(vc, part), layer, n_q, dtype, tokens))
-    elif cq:
+      # A store with a QuaRot part is read in the Hadamard basis (the query is rotated instead):
+      # the rotated part needs no transform, only the plain part is rotated.
+      kc, vc = C.InRotatedBasis(kc), C.InRotatedBasis(vc)
+    if cq:
       out.append(RecordSource(state.k, state.v, kc, vc, layer, n_q, dtype, spec.frame_tokens))
     if r:
       dense = C.Dense(spec.dtype)

@@ -17,6 +17,7 @@ from kvjax import cache as kvcache
 from kvjax.cache import AppendInfo, CacheSpec
 from kvjax.cache import flowcache as fc
 from kvjax.kernels import dense_attention
+from kvjax.cache.ring import read_record
 
 SPEC = CacheSpec(batch=1, num_layers=2, num_heads=2, head_dim=32, frame_tokens=40, block_frames=3,
                  window_frames=10, sink_frames=1, dtype=jnp.float32, total_frames=18)
@@ -277,3 +278,23 @@ def test_nan_input_propagation_is_documented(name):
   state = _jit_append(m)(state, jnp.int32(0), jnp.asarray(k), jnp.asarray(vs[0]), AppendInfo(jnp.int32(0)))
   kk, _, bias = m.materialize(state, 0)
   assert not np.all(np.isfinite(np.asarray(kk)[np.isfinite(np.asarray(bias))]))
+
+
+def test_spatial_quarot_read_in_rotated_basis_equals_plain_decode():
+  """The QuaRot-foreground spatial store is attended in the Hadamard basis (background rotated,
+  query rotated); that equals attention over every slot decoded in the plain basis."""
+  name = 'SPATIAL_MIXED_FG_QUAROT_KV_INT4_BG_RTN_INT2'
+  m = kvcache.get(name)
+  state = _final_state(name)
+  kc, vc = m.codecs(SPEC)
+  slots = SPEC.capacity_frames
+  k = jnp.concatenate([kc.decode(read_record(state.k, 1, j), jnp.float32)[:, 0]
+                       for j in range(slots)], axis=1)
+  v = jnp.concatenate([vc.decode(read_record(state.v, 1, j), jnp.float32)[:, 0]
+                       for j in range(slots)], axis=1)
+  q = jnp.asarray(np.random.default_rng(5).standard_normal((1, 7, 2, 32)).astype(np.float32))
+  out = m.attend(state, jnp.int32(1), q, 'xla')[0]
+  assert _per_row_rel(out, dense_attention(q, k, v)) <= 1e-5
+  k_rot = jnp.concatenate([kc.decode(read_record(state.k, 1, j), jnp.float32, rotated=True)[:, 0]
+                           for j in range(slots)], axis=1)
+  assert _per_row_rel(dense_attention(q, k_rot, v), dense_attention(q, k, v)) > 1e-2  # control

@@ -162,6 +162,9 @@ def test_integer_bf16_rounding_equals_astype():
   got = quant.cast(x, jnp.bfloat16)
   assert got.dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.asarray(got.view(jnp.uint16)), np.asarray(want.view(jnp.uint16)))
+  nans = np.uint32([0x7F800001, 0xFF800001, 0x7FC00000, 0xFFC00000, 0x7F80FFFF]).view(np.float32)
+  assert np.all(np.isnan(np.asarray(quant.round_bf16(jnp.asarray(nans)))))
+  assert np.all(np.isnan(np.asarray(quant.cast(jnp.asarray(nans), jnp.bfloat16), np.float32)))
   truncated = jax.lax.bitcast_convert_type(
       jax.lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFF0000), jnp.float32)
   assert np.any(np.asarray(truncated) != np.asarray(want.astype(jnp.float32)))   # control
