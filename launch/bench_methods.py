@@ -6,13 +6,14 @@ BF16, and compile-only memory at the full 1.3B config.
   python launch/bench_methods.py --out=bench.md               # also write the markdown
 
 Timing: the cache is filled by context passes of every block but the last (a full window),
-then the last block's denoising call and context pass are timed ``--repeats`` times (a sample
-repeats the call until it lasts >= 50 ms and reports the mean per call), each sample
-paired with one of the BF16 reference (which runs first alternates) (interleaved, so machine drift cancels); the tables
-report the method's median time and the median of the per-pair ratios. Memory: ``kvjax.run.plan`` (abstract shapes, nothing
-allocated): realized KV bytes and the compiled step's argument + temp bytes, with XLA CPU's
-float32 copies of bf16 weights (``cpu_weight_upcast_bytes``, identical for every method)
-subtracted so methods compare on what they add.
+then the last block's denoising call and context pass are timed ``--repeats`` times. A sample
+repeats the call until it lasts >= 50 ms and reports the mean per call; samples of the method
+and of BF16 alternate (ABBA) so machine drift and order effects cancel. The tables report the
+method's median time and the median of the per-pair ratios (the BF16 row, BF16 against itself,
+shows the noise). Memory: ``kvjax.run.plan`` (abstract shapes, nothing allocated): realized KV
+bytes and the compiled step's argument + temp bytes, with XLA CPU's float32 copies of bf16
+weights (``cpu_weight_upcast_bytes``, identical for every method) subtracted so methods
+compare on what they add.
 """
 
 from __future__ import annotations
