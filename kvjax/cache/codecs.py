@@ -320,7 +320,7 @@ class Spatial(Codec):
 
   The method passes the token order through ``aux['order']`` ([B, P] int32, foreground positions
   first). Attention is order-free, so records keep that order and decode concatenates
-  foreground then background tokens (a rotated foreground codec is un-rotated on decode).
+  foreground then background tokens (in the rotated basis when either part is QuaRot).
   """
   fg: Codec = SymRTN(4)
   bg: Codec = SymRTN(2)
@@ -341,31 +341,20 @@ class Spatial(Codec):
     bg = self.bg.encode(xs[:, :, self.n_fg:], aux)
     return {**{f'fg_{k}': v for k, v in fg.items()}, **{f'bg_{k}': v for k, v in bg.items()}}
 
-  def decode(self, rec, dtype, rotated: bool = False):
-    """Foreground then background tokens, in the plain basis or (``rotated``) the Hadamard one.
+  @property
+  def rotated(self):
+    """A store with a QuaRot part is read in the Hadamard basis (attention rotates the query)."""
+    return self.fg.rotated or self.bg.rotated
 
-    Each part is transformed only if its codec's basis differs from the one asked for, so a
-    QuaRot foreground read ``rotated`` costs no transform (attention rotates the query instead)
-    and only the smaller background part is rotated.
+  def decode(self, rec, dtype, rotated: bool | None = None):
+    """Foreground then background tokens in the codec's basis (``rotated``; or the one asked for).
+
+    A part is transformed only where its codec's basis differs, so reading a QuaRot foreground
+    in the rotated basis costs no transform: only the smaller plain background is rotated.
     """
+    rotated = self.rotated if rotated is None else rotated
     parts = []
     for name, codec in (('fg', self.fg), ('bg', self.bg)):
       x = codec.decode({k[3:]: v for k, v in rec.items() if k.startswith(name + '_')}, f32)
       parts.append(quant.fwht(x, f32) if codec.rotated != rotated else x)
     return quant.cast(jnp.concatenate(parts, axis=2), dtype)
-
-
-@dataclasses.dataclass(frozen=True)
-class InRotatedBasis(Codec):
-  """Reads a Spatial codec's records in the Hadamard basis (``rotated``); decode only."""
-  inner: Spatial = Spatial()
-  rotated = True
-
-  def fields(self, b, f, p, n, h):
-    return self.inner.fields(b, f, p, n, h)
-
-  def encode(self, x, aux=None):
-    raise TypeError('InRotatedBasis only reads records; encode with the Spatial codec')
-
-  def decode(self, rec, dtype):
-    return self.inner.decode(rec, dtype, rotated=True)

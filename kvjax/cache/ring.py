@@ -215,10 +215,6 @@ class FrameRingMethod(CacheMethod):
     kc, vc = self.codecs(spec)
     n_q, n_recent = self._counts(state, layer)
     out = []
-    if cq and isinstance(kc, C.Spatial) and (kc.fg.rotated or kc.bg.rotated):
-      # A store with a QuaRot part is read in the Hadamard basis (the query is rotated instead):
-      # the rotated part needs no transform, only the plain part is rotated.
-      kc, vc = C.InRotatedBasis(kc), C.InRotatedBasis(vc)
     if cq:
       out.append(RecordSource(state.k, state.v, kc, vc, layer, n_q, dtype, spec.frame_tokens))
     if r:

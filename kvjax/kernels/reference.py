@@ -20,6 +20,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kvjax.numerics import cast
+
 f32 = jnp.float32
 NEG_INF = -jnp.inf
 
@@ -52,11 +54,6 @@ def _scores(q, k, bias, scale):
   """q [B, T, N, H], k [B, S, N, H], bias [B, S] -> [B, N, T, S] float32."""
   s = jnp.einsum('BTNH,BSNH->BNTS', q, k.astype(q.dtype), preferred_element_type=f32)
   return s * scale + bias[:, None, None, :]
-
-
-def cast(x, dtype):
-  from kvjax.cache.quant import cast as _cast
-  return _cast(x, dtype)
 
 
 def _walk(q, source, carry, scale):

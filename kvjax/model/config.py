@@ -85,6 +85,3 @@ class WanConfig(FrozenConfig):
   @property
   def cdtype(self) -> jnp.dtype:
     return as_dtype(self.compute_dtype)
-
-
-

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kvjax.configlib import FrozenConfig
 from kvjax.model.config import as_dtype
 from kvjax.model.layers import Dense, gelu_tanh
-from kvjax.configlib import FrozenConfig
 
 f32 = jnp.float32
 
@@ -64,9 +64,6 @@ class UMT5Config(FrozenConfig):
   @property
   def inner_dim(self) -> int:
     return self.num_heads * self.head_dim
-
-
-
 
 
 def relative_buckets(q_len: int, k_len: int, num_buckets: int, max_distance: int) -> np.ndarray:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from kvjax.model.config import as_dtype
 from kvjax.configlib import FrozenConfig
+from kvjax.model.config import as_dtype
 
 # Per-channel statistics of Wan2.1 latents (published with the model; diffusers' latents_mean/std).
 # The sampler works with normalized latents (z - mean) / std; decoding starts with z * std + mean.
@@ -84,6 +84,3 @@ class VAEConfig(FrozenConfig):
   def num_frames(self, latent_frames: int) -> int:
     """Video frames decoded from ``latent_frames`` (the first latent frame gives one frame)."""
     return 1 + self.temporal_factor * (latent_frames - 1) if latent_frames else 0
-
-
-

@@ -288,13 +288,13 @@ def test_spatial_quarot_read_in_rotated_basis_equals_plain_decode():
   state = _final_state(name)
   kc, vc = m.codecs(SPEC)
   slots = SPEC.capacity_frames
-  k = jnp.concatenate([kc.decode(read_record(state.k, 1, j), jnp.float32)[:, 0]
+  k = jnp.concatenate([kc.decode(read_record(state.k, 1, j), jnp.float32, rotated=False)[:, 0]
                        for j in range(slots)], axis=1)
-  v = jnp.concatenate([vc.decode(read_record(state.v, 1, j), jnp.float32)[:, 0]
+  v = jnp.concatenate([vc.decode(read_record(state.v, 1, j), jnp.float32, rotated=False)[:, 0]
                        for j in range(slots)], axis=1)
   q = jnp.asarray(np.random.default_rng(5).standard_normal((1, 7, 2, 32)).astype(np.float32))
   out = m.attend(state, jnp.int32(1), q, 'xla')[0]
   assert _per_row_rel(out, dense_attention(q, k, v)) <= 1e-5
-  k_rot = jnp.concatenate([kc.decode(read_record(state.k, 1, j), jnp.float32, rotated=True)[:, 0]
+  k_rot = jnp.concatenate([kc.decode(read_record(state.k, 1, j), jnp.float32)[:, 0]
                            for j in range(slots)], axis=1)
   assert _per_row_rel(dense_attention(q, k_rot, v), dense_attention(q, k, v)) > 1e-2  # control
