@@ -1,9 +1,16 @@
-"""Float helpers shared by the cache codecs and the attention kernels (no kvjax imports)."""
+"""Float helpers shared by the cache codecs and the attention kernels (no kvjax imports).
+
+rounding to bfloat16 by integer ops, 16-bit floats stored as raw bits, the Walsh-Hadamard
+transform (QuaRot).
+"""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 f32 = jnp.float32
 
@@ -28,3 +35,59 @@ def cast(y: jax.Array, dtype) -> jax.Array:
     u = jax.lax.bitcast_convert_type(round_bf16(y), jnp.uint32) >> 16
     return jax.lax.bitcast_convert_type(u.astype(jnp.uint16), jnp.bfloat16)
   return y.astype(dtype)
+
+
+def storage_dtype(dtype) -> jnp.dtype:
+  """Array dtype used to *store* values of float ``dtype``: 16-bit floats as raw uint16 bits.
+
+  XLA CPU runs bf16/fp16 dynamic slices through float normalization: it converts the whole
+  operand to float32 and loop-invariant code motion hoists that conversion out of the chunk
+  loop, so a bf16 cache would be copied whole to float32 on every call (platform.md section 8).
+  Integer arrays are left alone, so 16-bit floats are kept as their bit patterns (same bytes)
+  and chunk-sized slices are bitcast back. Other dtypes are stored as they are.
+  """
+  dtype = jnp.dtype(dtype)
+  is_float = jnp.issubdtype(dtype, jnp.floating)
+  return jnp.dtype(jnp.uint16) if dtype.itemsize == 2 and is_float else dtype
+
+
+def to_storage(x, dtype):
+  """Casts x to float ``dtype`` and returns it in ``storage_dtype(dtype)``."""
+  x = x.astype(dtype)
+  sd = storage_dtype(dtype)
+  return jax.lax.bitcast_convert_type(x, sd) if sd != jnp.dtype(dtype) else x
+
+
+def from_storage(x, dtype):
+  """Inverse of ``to_storage`` (apply to chunk-sized slices)."""
+  return jax.lax.bitcast_convert_type(x, dtype) if x.dtype != jnp.dtype(dtype) else x
+
+
+def fwht(x: jax.Array, dtype=None) -> jax.Array:
+  """Normalized fast Walsh-Hadamard transform over the last axis (natural/Sylvester order).
+
+  log2(H) butterfly stages (a + b, a - b) over halves of growing size, then / sqrt(H); each
+  stage is rounded to ``dtype`` (default x.dtype), as the study computes it in BF16. The
+  orthonormal, symmetric matrix is its own inverse.
+  """
+  dtype = jnp.dtype(dtype or x.dtype)
+  h = x.shape[-1]
+  if h & (h - 1):
+    raise ValueError(f'Hadamard size must be a power of two (got {h})')
+  y = x.astype(dtype)
+  lead = y.shape[:-1]
+  size = 1
+  while size < h:
+    y = y.reshape(*lead, h // (2 * size), 2, size)
+    a, b = y[..., 0, :], y[..., 1, :]
+    y = jnp.stack([a + b, a - b], axis=-2).reshape(*lead, h)
+    size *= 2
+  return (y / jnp.asarray(math.sqrt(h), dtype)).astype(dtype)
+
+
+def hadamard_matrix(h: int) -> np.ndarray:
+  """The normalized Sylvester Hadamard matrix [h, h] (float64), for references."""
+  m = np.ones((1, 1))
+  while m.shape[0] < h:
+    m = np.block([[m, m], [m, -m]])
+  return m / math.sqrt(h)

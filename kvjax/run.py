@@ -294,8 +294,8 @@ def generate(s: RunSettings, *, progress: bool = True, log=print) -> dict[str, A
       raise FloatingPointError(f'{s.method.name}: the rollout produced NaN/Inf latents')
     peak = _peak_memory()
     ref, ref_info = None, None
-    if s.reference == 'bf16' and s.method.name != 'BF16':
-      ref, _, rstats = _rollout(s, kvcache.get('BF16'), params, noise, texts, gdef,
+    if s.reference == 'bf16' and not s.method.is_reference:
+      ref, _, rstats = _rollout(s, kvcache.BF16(), params, noise, texts, gdef,
                                 'BF16 reference', bar)
       ref_info = dict(kind='bf16', runtime_s=rstats.runtime_s, compile_s=rstats.compile_s)
     elif s.reference == 'torch':
@@ -308,6 +308,7 @@ def generate(s: RunSettings, *, progress: bool = True, log=print) -> dict[str, A
                       note='diffusers WanTransformer3DModel, float32, block-causal recompute')
 
   kv = s.method.nbytes(cache)
+  impl, cdtype = kernels.resolve_impl(s.impl), jnp.dtype(s.model_cfg.compute_dtype)
   bf16 = s.spec.bf16_bytes()
   result: dict[str, Any] = dict(
       method=s.method.name, method_params=s.method.params(), config=s.config_name,
@@ -318,7 +319,10 @@ def generate(s: RunSettings, *, progress: bool = True, log=print) -> dict[str, A
       runtime_s=stats.runtime_s, compile_s=stats.compile_s, dit_calls=stats.dit_calls,
       reused_steps=stats.reused_steps,
       reuse_mean_rel_l1=(float(np.mean(stats.reuse_rel_l1)) if stats.reuse_rel_l1 else None),
-      peak_memory_bytes=peak, impl=s.impl, backend=jax.default_backend(),
+      peak_memory_bytes=peak, impl=s.impl, impl_resolved=impl,
+      kernel_fallbacks=(sorted(set(kernels.fallbacks(s.method.sources(cache, 0, cdtype))))
+                        if impl == 'pallas' else []),
+      backend=jax.default_backend(),
       device=str(jax.devices()[0]), jax_version=jax.__version__, reference=ref_info,
       window_frames=s.spec.window_frames, sink_frames=s.spec.sink_frames,
       compute_dtype=s.model_cfg.compute_dtype, config_full=s.config)
@@ -332,7 +336,7 @@ def generate(s: RunSettings, *, progress: bool = True, log=print) -> dict[str, A
                                               block_frames=s.sampler_cfg.block_frames)
     result.update(wan_dir=s.wan_dir.path, **video_info)
   curves = metrics.per_frame_curves(latents, ref)
-  artifacts = s.method.artifacts(cache) if hasattr(s.method, 'artifacts') else {}
+  artifacts = s.method.artifacts(cache)
   _write_atomic(outdir, result, latents, curves, artifacts, video=video)
   result['outdir'] = outdir
   return result

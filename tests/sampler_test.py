@@ -143,3 +143,23 @@ def test_explicit_noise_is_deterministic(cfg32, params32, text32, sampler_cfg):
   np.testing.assert_array_equal(a, b)
   other = _cached(cfg32, params32, make_noise(6, 1, 6, 16, 8, 8, sampler_cfg), text32, 6, 0, sampler_cfg)
   assert not np.allclose(a, other)
+
+
+def test_method_hooks_select_the_step_functions(cfg32, sampler_cfg):
+  """Step reuse and the per-call refresh come from the method's declared hooks (no probing)."""
+  spec = kvcache.CacheSpec(batch=1, num_layers=cfg32.num_layers, num_heads=cfg32.num_heads,
+                           head_dim=cfg32.head_dim, frame_tokens=16, block_frames=3,
+                           window_frames=9, dtype=cfg32.cdtype)
+  abstract = ckpt.abstract_params(cfg32)
+
+  def steps(method):
+    sf = SelfForcing(cfg32, sampler_cfg, method, spec, latent_hw=(8, 8), impl='xla',
+                     graphdef=ckpt.graphdef(cfg32))
+    return sf.reuse_threshold, set(sf._lowerers(abstract, 8, cfg32.text_dim))
+
+  base = {'encode', 'denoise', 'context', 'x0', 'renoise'}
+  assert steps(kvcache.get('bf16')) == (0.0, base)
+  assert steps(kvcache.get('prune_int4')) == (0.0, base)
+  assert steps(kvcache.get('native')) == (1.5, base | {'feature', 'rel_l1'})
+  assert steps(kvcache.get('native', reuse_threshold=0.0)) == (0.0, base)
+  assert steps(kvcache.get('rtn_int4', requantize='every_call')) == (0.0, base | {'refresh'})

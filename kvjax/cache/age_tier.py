@@ -4,7 +4,9 @@ The study calls the last ``recent_ratio`` of its whole-video buffer "recent" —
 by buffer position, not by age (weakness W7): AGE_TIER_INT2 is "frames before ~70% of the video
 in ternary RTN, later frames in INT4". That schedule is the default of the paper names, realized
 exactly and statically by the mixed-format frame log (``mixed_log.py``); ``recency='age'`` is the
-fix (the newest ``recent_ratio`` of the window in the recent tier, re-encoded as frames age). The token boundary
+fix (the newest ``recent_ratio`` of the window in the recent tier, re-encoded as frames age),
+stored by another engine: ``kvcache.get(<AGE_TIER name>, recency='age')`` builds
+AGE_TIER_BY_AGE (``age_recency.py``; see ``AgeTier.build``). The token boundary
 (e.g. slot 45,864 = frame 29.4 of 42) is rounded to the nearest frame boundary: tiers are whole
 frames. With ``total_frames`` of the rollout standing for the study's buffer length.
 
@@ -23,12 +25,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache import codecs as C
-from kvjax.cache import packing
+from kvjax.cache import registry
+from kvjax.kernels import packing
 from kvjax.cache.mixed_log import MixedLogMethod
 from kvjax.cache.qaq import running_sigma
 from kvjax.cache.registry import variant
 
 f32 = jnp.float32
+
+# The registered name of AGE_TIER's recency='age' engine (defined in age_recency.py, which imports
+# flowcache: importing it here would register the FLOWCACHE rows before AGE_TIER's and break the
+# table order of ``registry.study_names()``; the registry links the two by this name instead).
+AGE_TIER_BY_AGE = 'AGE_TIER_BY_AGE'
 
 
 def positional_threshold(total_frames: int, frame_tokens: int, recent_ratio: float) -> int:
@@ -41,6 +49,9 @@ def positional_threshold(total_frames: int, frame_tokens: int, recent_ratio: flo
 
 @dataclasses.dataclass(frozen=True)
 class AgeTier(MixedLogMethod):
+  """Frames of the last ``recent_ratio`` of the buffer (by position) in RTN ``recent_bits``, the
+  rest in RTN ``bits``. ``recency`` is 'position' on every instance: 'age' makes ``build``
+  return AGE_TIER_BY_AGE instead."""
   family = 'AGE_TIER'
   bits: int = 2
   recent_bits: int = 4
@@ -54,37 +65,23 @@ class AgeTier(MixedLogMethod):
     C.SymRTN(self.bits, self.group_size)
     if not 0.0 <= self.recent_ratio <= 1.0:
       raise ValueError(f'recent_ratio must be in [0, 1] (got {self.recent_ratio})')
-    if self.recency not in ('position', 'age'):
+    if self.recency == 'age':
+      raise ValueError(f"{self.name or 'AgeTier'}: recency='age' is stored by {AGE_TIER_BY_AGE}; "
+                       "build it with kvjax.cache.get(name, recency='age') (AgeTier.build)")
+    if self.recency != 'position':
       raise ValueError(f"recency must be 'position' (the study) or 'age' (got {self.recency!r})")
 
-  # recency='age' (the fix of weakness W7): the newest recent_ratio of the window's chunks in
-  # the recent tier, demoted (re-encoded) as they age: FlowCache's hybrid plan with a flat budget.
-  def _age(self):
-    from kvjax.cache.flowcache import FlowCache
-    return FlowCache(kind='hybrid', bits=self.bits, recent_bits=self.recent_bits,
-                     recent_ratio=self.recent_ratio, budget='linear', budget_min=1.0,
-                     budget_max=1.0, group_size=self.group_size)
-
-  def init(self, spec):
-    return self._age().init(spec) if self.recency == 'age' else super().init(spec)
-
-  def append(self, state, layer, k, v, info):
-    if self.recency == 'age':
-      return self._age().append(state, layer, k, v, info)
-    return super().append(state, layer, k, v, info)
-
-  def attend(self, state, layer, q, impl='auto'):
-    if self.recency == 'age':
-      return self._age().attend(state, layer, q, impl)
-    return super().attend(state, layer, q, impl)
-
-  def materialize(self, state, layer):
-    if self.recency == 'age':
-      return self._age().materialize(state, layer)
-    return super().materialize(state, layer)
-
-  def slot_counts(self, spec):
-    return self._age().slot_counts(spec) if self.recency == 'age' else super().slot_counts(spec)
+  @classmethod
+  def build(cls, **params):
+    """``recency='position'`` (the study): this class. ``recency='age'`` (the fix of weakness
+    W7): AGE_TIER_BY_AGE with this row's ``bits``, ``recent_bits``, ``recent_ratio`` and
+    ``group_size`` — the newest ``recent_ratio`` of the window's chunks in the recent tier,
+    re-encoded at ``bits`` as they age (FlowCache's hybrid plan with a flat budget)."""
+    if params.get('recency', cls.recency) != 'age':
+      return cls(**params)
+    tier = cls(**{**params, 'recency': 'position'})      # validates the shared parameters
+    return registry.get(AGE_TIER_BY_AGE, bits=tier.bits, recent_bits=tier.recent_bits,
+                        recent_ratio=tier.recent_ratio, group_size=tier.group_size)
 
   def tier_codecs(self, spec):
     old = C.SymRTN(self.bits, self.group_size)
@@ -149,9 +146,10 @@ class TPTQ(MixedLogMethod):
     return {'sigma': running_sigma(mom[layer], count)}, None, {'old_key_moments': mom}
 
 
+# Registration order is the study's table order (TPTQ_INT2 precedes the AGE_TIER rows).
+variant(TPTQ, 'TPTQ_INT2', ('tptq_int2', 'tptq2', 'tptq'),
+        'last 15% of the buffer RTN INT4; older PRQ(2+2) + 0.1% exact key outliers')
 variant(AgeTier, 'AGE_TIER_INT4', ('age_tier_int4', 'agetier_int4', 'agetier4'),
         'last 30% of the buffer (by position) RTN INT4, the rest RTN INT4', bits=4)
 variant(AgeTier, 'AGE_TIER_INT2', ('age_tier_int2', 'agetier_int2', 'agetier2'),
         'last 30% of the buffer (by position) RTN INT4, the rest ternary RTN INT2', bits=2)
-variant(TPTQ, 'TPTQ_INT2', ('tptq_int2', 'tptq2', 'tptq'),
-        'last 15% of the buffer RTN INT4; older PRQ(2+2) + 0.1% exact key outliers')

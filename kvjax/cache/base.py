@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax import kernels
+
 
 @dataclasses.dataclass(frozen=True)
 class CacheSpec:
@@ -125,32 +127,6 @@ def valid_frames(frames_written, spec: CacheSpec):
   return jnp.minimum(frames_written, spec.capacity_frames)
 
 
-def storage_dtype(dtype) -> jnp.dtype:
-  """Array dtype used to *store* values of float ``dtype``: 16-bit floats as raw uint16 bits.
-
-  XLA CPU runs bf16/fp16 dynamic slices through float normalization: it converts the whole
-  operand to float32 and loop-invariant code motion hoists that conversion out of the chunk
-  loop, so a bf16 cache would be copied whole to float32 on every call (platform.md section 8).
-  Integer arrays are left alone, so 16-bit floats are kept as their bit patterns (same bytes)
-  and chunk-sized slices are bitcast back. Other dtypes are stored as they are.
-  """
-  dtype = jnp.dtype(dtype)
-  is_float = jnp.issubdtype(dtype, jnp.floating)
-  return jnp.dtype(jnp.uint16) if dtype.itemsize == 2 and is_float else dtype
-
-
-def to_storage(x, dtype):
-  """Casts x to float ``dtype`` and returns it in ``storage_dtype(dtype)``."""
-  x = x.astype(dtype)
-  sd = storage_dtype(dtype)
-  return jax.lax.bitcast_convert_type(x, sd) if sd != jnp.dtype(dtype) else x
-
-
-def from_storage(x, dtype):
-  """Inverse of ``to_storage`` (apply to chunk-sized slices)."""
-  return jax.lax.bitcast_convert_type(x, dtype) if x.dtype != jnp.dtype(dtype) else x
-
-
 def tree_nbytes(tree) -> int:
   """Sum of the bytes of every array (or ShapeDtypeStruct) leaf of a pytree."""
   return int(sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
@@ -164,11 +140,56 @@ class CacheMethod:
   Subclasses define the class attributes ``name`` (the paper name), ``aliases`` and
   ``family``, and the methods below. A state is a pytree whose arrays have a leading layer axis;
   it carries its CacheSpec as static pytree metadata.
+
+  Everything a caller (sampler, launcher) asks of a method is declared here with a default, so
+  callers never probe for attributes or compare names:
+
+  - ``in_study``: the method is a row of the study's tables (``registry.study_names()`` lists
+    the registered ones in registration order, which is the tables' order).
+  - ``is_reference``: the method's rollout *is* the exact BF16 reference, so the launcher runs
+    no separate reference rollout for it (True for BF16 only; a subclass that changes the
+    rollout, e.g. FLOWCACHE_NATIVE's step reuse, sets it back to False).
+  - ``build(**params)``: how ``kvcache.get`` constructs the method from its parameters.
+  - ``step_reuse_threshold``: > 0 makes the sampler skip (reuse) denoising steps.
+  - ``refresh_every_call`` / ``refresh(state)``: re-encode the history before every DiT call.
+  - ``artifacts(state)``: extra files the launcher writes beside result.json.
   """
   name: ClassVar[str] = ''
   aliases: ClassVar[tuple[str, ...]] = ()
   family: ClassVar[str] = ''
   description: ClassVar[str] = ''
+  in_study: ClassVar[bool] = True
+  is_reference: ClassVar[bool] = False
+
+  @classmethod
+  def build(cls, **params: Any) -> CacheMethod:
+    """The method with these (already name-checked) parameters; ``kvcache.get`` calls it.
+
+    The default is ``cls(**params)``. A class whose parameters select a different storage
+    engine returns an instance of that engine's class instead (AGE_TIER's ``recency='age'``).
+    """
+    return cls(**params)
+
+  @property
+  def step_reuse_threshold(self) -> float:
+    """> 0: the sampler skips a denoising step and reuses the last flow prediction while the
+    accumulated input change stays below this (FLOWCACHE_NATIVE; ``kvjax.sampler.rollout``).
+    0 (the default): every step is computed."""
+    return 0.0
+
+  @property
+  def refresh_every_call(self) -> bool:
+    """True: the sampler calls ``refresh`` on the cache before every DiT call (donating it)."""
+    return False
+
+  def refresh(self, state):
+    """Re-encodes the stored history (only called when ``refresh_every_call``); identity here."""
+    return state
+
+  def artifacts(self, state) -> dict[str, Any]:
+    """Extra JSON files for the result directory, ``{file name: JSON-able object}``, computed
+    from the final cache state (FLOWCACHE_PROFILE's ``budget_table.json``); none by default."""
+    return {}
 
   def init(self, spec: CacheSpec):
     raise NotImplementedError
@@ -184,17 +205,34 @@ class CacheMethod:
     """
     raise NotImplementedError
 
-  def attend(self, state, layer, q, impl: str = 'auto'):
-    """Attention of q [B, T, N, H] over the layer's history -> (out [B, T, N, H], lse [B, N, T])."""
-    raise NotImplementedError
+  def sources(self, state, layer, dtype) -> list[kernels.Source]:
+    """What attention reads of the layer's history: kernel sources (``kvjax/kernels/source.py``),
+    a pytree of record arrays each plus its static format; an empty list when nothing is stored.
 
-  def materialize(self, state, layer):
-    """Reference/debug only: what attention sees, expanded.
-
-    Returns:
-      k, v: [B, S, N, H] (compute dtype), bias: [B, S] float32 (-inf for empty slots).
+    ``dtype`` is the compute dtype the chunks are decoded to.
     """
     raise NotImplementedError
+
+  def attend(self, state, layer, q, impl: str = 'auto'):
+    """Attention of q [B, T, N, H] over the layer's history -> (out [B, T, N, H], lse [B, N, T]).
+
+    The model does not call this: it passes ``sources`` together with the block's own K/V to
+    ``kernels.attention`` (one dispatch, one log-sum-exp merge).
+    """
+    return kernels.attention(q, self.sources(state, layer, q.dtype), impl=impl)
+
+  def materialize(self, state, layer):
+    """Reference/debug only: what attention sees, expanded (every source, un-rotated).
+
+    Returns:
+      k, v: [B, S, N, H] float32, bias: [B, S] float32 (-inf for empty slots).
+    """
+    parts = [kernels.materialize_source(src) for src in self.sources(state, layer, jnp.float32)]
+    if not parts:
+      spec = state.spec
+      z = jnp.zeros((spec.batch, 0, spec.num_heads, spec.head_dim), jnp.float32)
+      return z, z, jnp.zeros((spec.batch, 0), jnp.float32)
+    return tuple(jnp.concatenate(x, 1) for x in zip(*parts))
 
   def nbytes(self, state) -> int:
     """Bytes of every array of the state (realized storage, never a formula)."""

@@ -101,26 +101,6 @@ def _by_tier(tier, branch, num_tiers: int, operand):
   return jax.lax.switch(tier, [branch(t) for t in range(num_tiers)], operand)
 
 
-class LogSource:
-  """Chunked KV source over the visible frames of one layer of a LogState."""
-
-  def __init__(self, method, state: LogState, layer, dtype):
-    self.m, self.state, self.layer, self.dtype = method, state, layer, dtype
-    spec = state.spec
-    self.chunk_tokens = spec.frame_tokens
-    n = state.frames[layer]
-    self.n_sink = jnp.minimum(n, spec.sink_frames)
-    self.roll_start = jnp.maximum(spec.sink_frames, n - (spec.capacity_frames - spec.sink_frames))
-    self.num_chunks = self.n_sink + jnp.maximum(n - self.roll_start, 0)
-
-  def frame(self, j):
-    return jnp.where(j < self.n_sink, j, self.roll_start + (j - self.n_sink))
-
-  def chunk(self, j):
-    k, v = self.m.decode_frame(self.state, self.layer, self.frame(j), self.dtype)
-    return k, v, jnp.zeros(k.shape[:2], f32)
-
-
 @dataclasses.dataclass(frozen=True)
 class MixedLogMethod(CacheMethod):
   """Base class: subclasses define ``tier_codecs(spec)`` and ``tier_of(spec)`` (static)."""
@@ -154,27 +134,6 @@ class MixedLogMethod(CacheMethod):
     lay = self.layout(spec)
     return (lay, jnp.asarray(lay['offsets'], jnp.int32)[frame],
             jnp.asarray(lay['tiers'], jnp.int32)[frame])
-
-  def decode_frame(self, state: LogState, layer, frame, dtype):
-    b = state.spec.batch
-    lay, off, tier = self._placed(state.spec, frame)
-
-    def branch(t):
-      fields, size = lay['fields'][t]
-      kc, vc = lay['codecs'][t]
-
-      def fn(off):
-        raw = jax.lax.dynamic_slice(state.data, (layer, 0, off), (1, b, size))[0]
-        rec = {'k': {}, 'v': {}}
-        for tensor, name, shape, dt, o, nb in fields:
-          part = raw[:, o:o + nb]
-          if dt.itemsize > 1:
-            part = jax.lax.bitcast_convert_type(part.reshape(b, nb // dt.itemsize, dt.itemsize), dt)
-          rec[tensor][name] = part.reshape((b, 1) + tuple(shape))
-        return kc.decode(rec['k'], dtype)[:, 0], vc.decode(rec['v'], dtype)[:, 0]
-      return fn
-
-    return _by_tier(tier, branch, len(lay['codecs']), off)
 
   def _encode_frame(self, state: LogState, layer, frame, x_k, x_v):
     spec = state.spec
@@ -213,15 +172,31 @@ class MixedLogMethod(CacheMethod):
         state = self._encode_frame(state, layer, info.start_frame + i, xk[:, i:i + 1], xv[:, i:i + 1])
     return state.replace(frames=state.frames.at[layer].set(info.start_frame + bf))
 
-  def attend(self, state: LogState, layer, q, impl: str = 'auto'):
-    if state.spec.capacity_frames == 0:
-      b, t, n, _ = q.shape
-      return jnp.zeros_like(q), jnp.full((b, n, t), -jnp.inf, f32)
-    return kernels.attention(q, LogSource(self, state, layer, q.dtype), impl=impl)
-
-  def materialize(self, state: LogState, layer):
-    return kernels.materialize_source(LogSource(self, state, layer, f32),
-                                      state.spec.capacity_frames)
+  def sources(self, state: LogState, layer, dtype):
+    """One byte-pool source per tier: chunk j of tier t is the j-th visible frame of that tier
+    (sink frames, then the rolling window), read at its planned byte offset."""
+    spec = state.spec
+    if spec.capacity_frames == 0:
+      return []
+    lay = self.layout(spec)
+    total = len(lay['tiers'])
+    n = state.frames[layer]
+    f = jnp.arange(total, dtype=jnp.int32)
+    roll_start = jnp.maximum(spec.sink_frames, n - (spec.capacity_frames - spec.sink_frames))
+    visible = (f < jnp.minimum(n, spec.sink_frames)) | ((f >= roll_start) & (f < n))
+    tiers = jnp.asarray(lay['tiers'], jnp.int32)
+    offsets = jnp.asarray(lay['offsets'], jnp.int32)
+    out = []
+    for t, (kc, vc) in enumerate(lay['codecs']):
+      if not np.any(lay['tiers'] == t):
+        continue
+      mine = visible & (tiers == t)
+      order = jnp.argsort(~mine, stable=True)
+      out.append(kernels.Source(
+          k={'pool': state.data}, v={}, layer=jnp.asarray(layer, jnp.int32), index=offsets[order],
+          num_chunks=jnp.sum(mine).astype(jnp.int32), kfmt=kc, vfmt=vc,
+          chunk_tokens=spec.frame_tokens, pool=tuple(lay['fields'][t][0])))
+    return out
 
 
 @functools.lru_cache(maxsize=64)

@@ -21,7 +21,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from kvjax.cache import codecs as C
-from kvjax.cache import packing
+from kvjax.kernels import packing
 from kvjax.cache.registry import variant
 from kvjax.cache.ring import FrameRingMethod
 

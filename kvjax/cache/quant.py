@@ -12,29 +12,14 @@ Shapes: ``x`` is [B, F, P, N, H] (batch, frames, tokens per frame, heads, head d
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from kvjax.numerics import cast, round_bf16  # noqa: F401  (re-exported for codecs)
+from kvjax.kernels.formats import (asym_dequant, dequant_math, expand_groups, group_sizes,  # noqa: F401
+                                   num_groups, sym_dequant, sym_qmax)  # (decode side, re-exported)
+from kvjax.numerics import cast, fwht, hadamard_matrix, round_bf16  # noqa: F401  (re-exported)
 
 f32 = jnp.float32
-
-
-def num_groups(p: int, g: int) -> int:
-  if g < 1:
-    raise ValueError(f'group size must be >= 1 (got {g})')
-  return max(1, p // g)
-
-
-def group_sizes(p: int, g: int) -> np.ndarray:
-  """Tokens in each group of a P-token frame (last group absorbs the remainder)."""
-  n = num_groups(p, g)
-  sizes = np.full(n, min(g, p), np.int64)
-  sizes[-1] = p - g * (n - 1)
-  return sizes
 
 
 def _split(x: jax.Array, g: int):
@@ -54,27 +39,7 @@ def group_reduce(x: jax.Array, g: int, op) -> jax.Array:
   return jnp.concatenate(parts, axis=2)
 
 
-def expand_groups(s: jax.Array, p: int, g: int) -> jax.Array:
-  """Per-group statistics [B, F, n_groups, ...] -> per-token [B, F, P, ...] (broadcasts)."""
-  n = num_groups(p, g)
-  if n == 1:
-    return jnp.broadcast_to(s, s.shape[:2] + (p,) + s.shape[3:])
-  lead, rest = s.shape[:2], s.shape[3:]
-  head = jnp.broadcast_to(s[:, :, :n - 1, None], lead + (n - 1, g) + rest).reshape(lead + ((n - 1) * g,) + rest)
-  tail = jnp.broadcast_to(s[:, :, n - 1:], lead + (p - (n - 1) * g,) + rest)
-  return jnp.concatenate([head, tail], axis=2)
-
-
-def dequant_math(y: jax.Array, dtype) -> jax.Array:
-  """Rounds a float32 value to what arithmetic in ``dtype`` (float32 or bfloat16) would give."""
-  return round_bf16(y) if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) else y.astype(f32)
-
-
 # ---------------------------------------------------------------- symmetric round-to-nearest
-def sym_qmax(bits: int) -> int:
-  return 2 ** (bits - 1) - 1
-
-
 def sym_scale(amax: jax.Array, bits: int, dtype) -> jax.Array:
   """scale = max(amax / qmax, 1e-8), computed in ``dtype`` (the study: the tensor dtype)."""
   return jnp.maximum(amax.astype(dtype) / jnp.asarray(sym_qmax(bits), dtype),
@@ -86,12 +51,6 @@ def sym_codes(x: jax.Array, scale_tok: jax.Array, bits: int, dtype) -> jax.Array
   q = jnp.round(x.astype(dtype) / scale_tok.astype(dtype))
   q = jnp.clip(q, -sym_qmax(bits) - 1, sym_qmax(bits))
   return (q.astype(jnp.int32) + 2 ** (bits - 1)).astype(jnp.uint8)
-
-
-def sym_dequant(codes: jax.Array, scale_tok: jax.Array, bits: int, dtype) -> jax.Array:
-  """q * scale computed in ``dtype`` (values exactly as that arithmetic), returned float32."""
-  q = codes.astype(f32) - float(2 ** (bits - 1))
-  return dequant_math(q * dequant_math(scale_tok.astype(f32), dtype), dtype)
 
 
 # ---------------------------------------------------------------- asymmetric min/max
@@ -113,40 +72,3 @@ def asym_params(lo: jax.Array, hi: jax.Array, bits: int, dtype, clamp_zero_point
 def asym_codes(x, scale_tok, zp_tok, bits: int, dtype):
   q = jnp.round(x.astype(dtype) / scale_tok.astype(dtype) + zp_tok.astype(dtype))
   return jnp.clip(q, 0, 2**bits - 1).astype(jnp.uint8)
-
-
-def asym_dequant(codes, scale_tok, zp_tok, dtype):
-  """(q - zp) * scale computed in ``dtype``, returned float32."""
-  d = dequant_math(codes.astype(f32) - dequant_math(zp_tok.astype(f32), dtype), dtype)
-  return dequant_math(d * dequant_math(scale_tok.astype(f32), dtype), dtype)
-
-
-# ---------------------------------------------------------------- Walsh-Hadamard transform
-def fwht(x: jax.Array, dtype=None) -> jax.Array:
-  """Normalized fast Walsh-Hadamard transform over the last axis (natural/Sylvester order).
-
-  log2(H) butterfly stages (a + b, a - b) over halves of growing size, then / sqrt(H); each
-  stage is rounded to ``dtype`` (default x.dtype), as the study computes it in BF16. The
-  orthonormal, symmetric matrix is its own inverse.
-  """
-  dtype = jnp.dtype(dtype or x.dtype)
-  h = x.shape[-1]
-  if h & (h - 1):
-    raise ValueError(f'Hadamard size must be a power of two (got {h})')
-  y = x.astype(dtype)
-  lead = y.shape[:-1]
-  size = 1
-  while size < h:
-    y = y.reshape(*lead, h // (2 * size), 2, size)
-    a, b = y[..., 0, :], y[..., 1, :]
-    y = jnp.stack([a + b, a - b], axis=-2).reshape(*lead, h)
-    size *= 2
-  return (y / jnp.asarray(math.sqrt(h), dtype)).astype(dtype)
-
-
-def hadamard_matrix(h: int) -> np.ndarray:
-  """The normalized Sylvester Hadamard matrix [h, h] (float64), for references."""
-  m = np.ones((1, 1))
-  while m.shape[0] < h:
-    m = np.block([[m, m], [m, -m]])
-  return m / math.sqrt(h)

@@ -25,9 +25,13 @@ def register(cls: type[CacheMethod]) -> type[CacheMethod]:
   return cls
 
 
-def variant(base: type[CacheMethod], name: str, aliases: tuple[str, ...], description: str,
-            **defaults: Any) -> type[CacheMethod]:
-  """A registered subclass of ``base`` named ``name`` whose parameters default to ``defaults``."""
+def derive(base: type[CacheMethod], name: str, aliases: tuple[str, ...], description: str,
+           **defaults: Any) -> type[CacheMethod]:
+  """An unregistered subclass of ``base`` named ``name`` whose parameters default to ``defaults``.
+
+  It inherits every other class attribute of ``base`` (``family``, ``in_study``,
+  ``is_reference``, ...).
+  """
   fields = {f.name: f for f in dataclasses.fields(base)}
   unknown = sorted(set(defaults) - set(fields))
   if unknown:
@@ -37,7 +41,13 @@ def variant(base: type[CacheMethod], name: str, aliases: tuple[str, ...], descri
       bases=(base,), frozen=True)
   cls.name, cls.aliases, cls.description = name, tuple(aliases), description
   cls.__module__ = base.__module__
-  return register(cls)
+  return cls
+
+
+def variant(base: type[CacheMethod], name: str, aliases: tuple[str, ...], description: str,
+            **defaults: Any) -> type[CacheMethod]:
+  """A registered subclass of ``base`` named ``name`` whose parameters default to ``defaults``."""
+  return register(derive(base, name, aliases, description, **defaults))
 
 
 def parse_overrides(name: str, text: str | None) -> dict[str, Any]:
@@ -73,6 +83,12 @@ def names() -> list[str]:
   return [cls.name for cls in _METHODS.values()]
 
 
+def study_names() -> tuple[str, ...]:
+  """The names of the study's table rows (``CacheMethod.in_study``), in registration order,
+  which is the tables' order."""
+  return tuple(cls.name for cls in _METHODS.values() if cls.in_study)
+
+
 def aliases() -> dict[str, str]:
   """alias -> canonical name."""
   return {a: _METHODS[k].name for a, k in _ALIASES.items()}
@@ -93,14 +109,18 @@ def canonical(name: str) -> str:
 
 
 def get(name: str, **overrides: Any) -> CacheMethod:
-  """Builds the method ``name`` with parameter ``overrides``; unknown parameters raise."""
+  """Builds the method ``name`` with parameter ``overrides``; unknown parameters raise.
+
+  Construction goes through the class's ``build`` hook (``CacheMethod.build``), so a parameter
+  may select another class (``get('AGE_TIER_INT2', recency='age')`` is an ``AgeRecency``).
+  """
   cls = _METHODS[canonical(name).upper()]
   fields = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(overrides) - fields)
   if unknown:
     valid = ', '.join(sorted(fields)) or '(none)'
     raise ValueError(f'{cls.name} has no parameter(s) {unknown}; valid parameters: {valid}')
-  return cls(**overrides)
+  return cls.build(**overrides)
 
 
 def describe() -> list[dict[str, Any]]:

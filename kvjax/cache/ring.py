@@ -18,18 +18,16 @@ Append (the context pass): the R-frame exact window shifts by one block; the fra
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 from kvjax import kernels
 from kvjax.cache import codecs as C
 from kvjax.cache import quant
-from kvjax.cache.base import (AppendInfo, CacheMethod, CacheSpec, from_storage, storage_dtype,
-                              to_storage)
+from kvjax.cache.base import AppendInfo, CacheMethod, CacheSpec
+from kvjax.numerics import from_storage, storage_dtype, to_storage
 
 f32 = jnp.float32
 
@@ -72,21 +70,22 @@ def write_record(fields: dict, layer, slot, rec: dict) -> dict:
   return {k: _write_frame(a, layer, slot, rec[k]) for k, a in fields.items()}
 
 
-class RecordSource:
-  """Chunked KV source over the first ``num_chunks`` frame slots of a ring of codec records."""
+def ring_sources(k: dict, v: dict, kc: C.Codec, vc: C.Codec, layer, n, frame_tokens: int):
+  """Sources over the first ``n`` slots of a ring of codec records (fields [L, B, C, ...]).
 
-  def __init__(self, kf, vf, kc: C.Codec, vc: C.Codec, layer, num_chunks, dtype, chunk_tokens):
-    self.kf, self.vf, self.kc, self.vc = kf, vf, kc, vc
-    self.layer, self.num_chunks, self.dtype = layer, num_chunks, dtype
-    self.chunk_tokens = chunk_tokens  # the tokens of one frame record
-    self.rotated = kc.rotated
-    if kc.rotated != vc.rotated:
-      raise ValueError('keys and values of one store must share the rotation')
-
-  def chunk(self, j):
-    k = self.kc.decode(read_record(self.kf, self.layer, j), self.dtype)[:, 0]
-    v = self.vc.decode(read_record(self.vf, self.layer, j), self.dtype)[:, 0]
-    return k, v, jnp.zeros(k.shape[:2], f32)
+  A spatial (Split) record is read as two sources, its foreground and background tokens, each
+  homogeneous and in its own basis (attention is order-free).
+  """
+  slots = next(iter(k.values())).shape[2]
+  index = jnp.arange(slots, dtype=jnp.int32)
+  if isinstance(kc, C.Spatial):
+    out = []
+    for (kf, kr), (vf, vr), s in zip(kc.parts(k), vc.parts(v), (kc.n_fg, frame_tokens - kc.n_fg)):
+      out += ring_sources(kr, vr, kf, vf, layer, n, s)
+    return out
+  return [kernels.Source(k=k, v=v, layer=jnp.asarray(layer, jnp.int32), index=index,
+                         num_chunks=jnp.asarray(n, jnp.int32), kfmt=kc, vfmt=vc,
+                         chunk_tokens=frame_tokens)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,28 +215,12 @@ class FrameRingMethod(CacheMethod):
     n_q, n_recent = self._counts(state, layer)
     out = []
     if cq:
-      out.append(RecordSource(state.k, state.v, kc, vc, layer, n_q, dtype, spec.frame_tokens))
+      out += ring_sources(state.k, state.v, kc, vc, layer, n_q, spec.frame_tokens)
     if r:
       dense = C.Dense(spec.dtype)
-      out.append(RecordSource({'x': state.recent_k}, {'x': state.recent_v}, dense, dense, layer,
-                              n_recent, dtype, spec.frame_tokens))
+      out += ring_sources({'x': state.recent_k}, {'x': state.recent_v}, dense, dense, layer,
+                          n_recent, spec.frame_tokens)
     return out
-
-  def attend(self, state: RingState, layer, q, impl: str = 'auto'):
-    srcs = self.sources(state, layer, q.dtype)
-    if not srcs:
-      b, t, n, _ = q.shape
-      return jnp.zeros_like(q), jnp.full((b, n, t), -jnp.inf, f32)
-    return kernels.attention(q, srcs, impl=impl)
-
-  def materialize(self, state: RingState, layer):
-    spec = state.spec
-    parts = [kernels.materialize_source(src, jax.tree.leaves(src.kf)[0].shape[2])
-             for src in self.sources(state, layer, f32)]
-    if not parts:
-      z = jnp.zeros((spec.batch, 0, spec.num_heads, spec.head_dim), f32)
-      return z, z, jnp.zeros((spec.batch, 0), f32)
-    return tuple(jnp.concatenate(x, 1) for x in zip(*parts))
 
   def refresh(self, state: RingState) -> RingState:
     """Decodes and re-encodes every stored frame (``requantize='every_call'``)."""
@@ -270,6 +253,7 @@ class BF16(FrameRingMethod):
   name = 'BF16'
   aliases = ('bf16', 'none', 'baseline')
   family = 'BF16'
+  is_reference = True
   description = 'reference: unquantized K/V in a ring of frame slots'
 
   def codecs(self, spec):

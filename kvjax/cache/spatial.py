@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
 from kvjax.cache import codecs as C
-from kvjax.cache import packing
+from kvjax.kernels import packing
 from kvjax.cache.registry import variant
 from kvjax.cache.ring import FrameRingMethod
 

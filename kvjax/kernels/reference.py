@@ -1,53 +1,26 @@
-"""Pure-jnp attention over a cache walked chunk by chunk (the XLA path and the kernels' spec).
+"""Pure-jnp attention over cache sources walked chunk by chunk (the XLA path and the kernels' spec).
 
-A *chunked KV source* describes what attention sees without ever materializing it whole:
-
-  source.max_chunks    static int, capacity in chunks
-  source.chunk_tokens  static int, tokens per chunk (S)
-  source.num_chunks    int32 (may be traced): chunks to walk, always the first ``num_chunks``
-  source.chunk(j)      -> k [B, S, N, H], v [B, S, N, H] (compute dtype), bias [B, S] float32
-                          (logit bias: 0 for a plain token, log(count) for a summary token,
-                          -inf for an empty slot)
-
-Attention walks the chunks with an online softmax (float32 statistics) so the only temporaries
-are one chunk of keys/values and a [B, N, T, S] score tile.
+A source (``source.py``) is a pytree of record arrays plus a static format; ``read_chunk`` decodes
+chunk j into k, v [B, S, N, H] and a logit bias [B, S]. ``walk`` runs an online softmax (float32
+statistics) over the chunks of one source, so the only temporaries are one decoded chunk and a
+[B, N, T, S] score tile: the cache is never expanded whole. ``attend_sources`` is the one place
+where several sources meet: a rotated (QuaRot) source gets the Hadamard-rotated query and its
+output is rotated back (the transform is orthonormal and symmetric), and the partial results
+are merged by log-sum-exp. The Pallas kernels compute ``walk`` for one source.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from kvjax.numerics import cast
+from kvjax.kernels.source import Source, read_chunk
+from kvjax.numerics import cast, fwht
 
 f32 = jnp.float32
 NEG_INF = -jnp.inf
-
-
-class DenseKV(NamedTuple):
-  """A chunked view of K/V that are already dense (the current block's own K/V).
-
-  k, v: [B, S_total, N, H]; S_total must be a multiple of chunk_tokens.
-  """
-  k: jax.Array
-  v: jax.Array
-  chunk_tokens: int
-
-  @property
-  def max_chunks(self) -> int:
-    return self.k.shape[1] // self.chunk_tokens
-
-  @property
-  def num_chunks(self) -> int:
-    return self.max_chunks
-
-  def chunk(self, j):
-    s = self.chunk_tokens
-    k = jax.lax.dynamic_slice_in_dim(self.k, j * s, s, axis=1)
-    v = jax.lax.dynamic_slice_in_dim(self.v, j * s, s, axis=1)
-    return k, v, jnp.zeros((k.shape[0], s), f32)
 
 
 def _scores(q, k, bias, scale):
@@ -56,12 +29,21 @@ def _scores(q, k, bias, scale):
   return s * scale + bias[:, None, None, :]
 
 
-def _walk(q, source, carry, scale):
-  """Online-softmax update of (m, l, acc) over the chunks of one source."""
+def walk(q: jax.Array, src: Source, scale: float):
+  """Attention of q over every chunk of one source, in the source's basis.
+
+  Args:
+    q: [B, T, N, H] queries (compute dtype), already rotated if the source is.
+    src: the source; scale: logit scale.
+  Returns:
+    out: [B, T, N, H] float32 (zeros where nothing was attended);
+    lse: [B, N, T] float32 log-sum-exp of the logits (-inf where nothing was attended).
+  """
+  b, t, n, h = q.shape
 
   def body(j, carry):
     m, l, acc = carry
-    k, v, bias = source.chunk(j)
+    k, v, bias = read_chunk(src, j, q.dtype)
     s = _scores(q, k, bias, scale)                             # [B, N, T, S]
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
@@ -73,65 +55,71 @@ def _walk(q, source, carry, scale):
     acc = acc * corr[..., None] + pv
     return m_new, l, acc
 
-  return jax.lax.fori_loop(0, source.num_chunks, body, carry)
-
-
-def chunked_attention(q: jax.Array, source, *, scale: float | None = None):
-  """Softmax attention of q over every chunk of ``source`` (one source or a sequence).
-
-  A source whose ``rotated`` attribute is True holds keys and values in the normalized Hadamard
-  basis (QuaRot): the walk uses the rotated query for it and accumulates its values in the
-  rotated basis (the accumulator is rotated in and out around that source), which equals
-  attention over the un-rotated cache because the transform is orthonormal and symmetric.
-
-  Args:
-    q: [B, T, N, H] queries (compute dtype).
-    source: a chunked KV source (module docstring), or a list/tuple of them.
-    scale: logit scale, default 1/sqrt(H).
-  Returns:
-    out: [B, T, N, H] in q's dtype (zeros where nothing was attended).
-    lse: [B, N, T] float32 log-sum-exp of the logits (-inf where nothing was attended).
-  """
-  from kvjax.cache.quant import fwht
-  b, t, n, h = q.shape
-  scale = (1.0 / h**0.5) if scale is None else scale
-  sources = [source] if hasattr(source, 'chunk') else list(source)
   carry = (jnp.full((b, n, t), NEG_INF, f32), jnp.zeros((b, n, t), f32),
            jnp.zeros((b, n, t, h), f32))
-  q_rot = None
-  for src in sources:
-    if getattr(src, 'rotated', False):
-      if q_rot is None:
-        q_rot = fwht(q, f32).astype(q.dtype)
-      m, l, acc = carry
-      m, l, acc = _walk(q_rot, src, (m, l, fwht(acc, f32)), scale)
-      carry = (m, l, fwht(acc, f32))
-    else:
-      carry = _walk(q, src, carry, scale)
-  m, l, acc = carry
+  m, l, acc = jax.lax.fori_loop(0, src.num_chunks, body, carry)
   ok = l > 0
   out = jnp.where(ok[..., None], acc / jnp.where(ok, l, 1.0)[..., None], 0.0)
   lse = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), NEG_INF)
-  return out.transpose(0, 2, 1, 3).astype(q.dtype), lse
+  return out.transpose(0, 2, 1, 3), lse
 
 
-def materialize_source(source, max_chunks: int):
-  """Reference/debug: every chunk of a source concatenated, chunks past ``num_chunks`` masked.
+Partial = Callable[[jax.Array, Source, float], tuple[jax.Array, jax.Array]]
+
+
+def attend_sources(q: jax.Array, sources: Sequence[Source], partial: Partial,
+                   scale: float | None = None):
+  """Softmax attention of q over the union of ``sources``.
+
+  Args:
+    q: [B, T, N, H] queries (compute dtype).
+    sources: sources of disjoint key sets (may be empty).
+    partial: (q in the source's basis, source, scale) -> (out [B, T, N, H] float32, lse [B, N, T]),
+      ``walk`` or a kernel.
+    scale: logit scale, default 1/sqrt(H).
+  Returns:
+    out: [B, T, N, H] in q's dtype (zeros where nothing was attended);
+    lse: [B, N, T] float32 (-inf where nothing was attended).
+  """
+  b, t, n, h = q.shape
+  scale = (1.0 / h**0.5) if scale is None else scale
+  out, lse = jnp.zeros((b, t, n, h), f32), jnp.full((b, n, t), NEG_INF, f32)
+  q_rot = None
+  for src in sources:
+    if src.rotated:
+      if q_rot is None:
+        q_rot = fwht(q, f32).astype(q.dtype)
+      o, l = partial(q_rot, src, scale)
+      o = fwht(o.astype(f32), f32)
+    else:
+      o, l = partial(q, src, scale)
+    out, lse = merge(out, lse, o.astype(f32), l)
+  return out.astype(q.dtype), lse
+
+
+def chunked_attention(q: jax.Array, sources, *, scale: float | None = None):
+  """The XLA reference: ``attend_sources`` with ``walk`` (one source or a sequence)."""
+  sources = [sources] if isinstance(sources, Source) else list(sources)
+  return attend_sources(q, sources, walk, scale)
+
+
+def materialize_source(src: Source):
+  """Reference/debug: every chunk of a source decoded, chunks past ``num_chunks`` masked.
 
   Returns:
-    k, v: [B, max_chunks * S, N, H]; bias: [B, max_chunks * S] (-inf for unused chunks).
-    Values of a ``rotated`` source are returned un-rotated.
+    k, v: [B, M * S, N, H] float32 un-rotated (M = max_chunks; zeros in unused chunks);
+    bias: [B, M * S] (-inf for unused chunks).
   """
-  from kvjax.cache.quant import fwht
   ks, vs, bs = [], [], []
-  last = jnp.maximum(source.num_chunks - 1, 0)
-  for j in range(max_chunks):
-    k, v, bias = source.chunk(jnp.minimum(j, last))
-    if getattr(source, 'rotated', False):
+  last = jnp.maximum(src.num_chunks - 1, 0)
+  for j in range(src.max_chunks):
+    k, v, bias = read_chunk(src, jnp.minimum(j, last), f32)
+    if src.rotated:
       k, v = fwht(k, f32), fwht(v, f32)
-    ks.append(k)
-    vs.append(v)
-    bs.append(jnp.where(j < source.num_chunks, bias, NEG_INF))
+    valid = j < src.num_chunks          # an unused chunk may hold another format's bytes
+    ks.append(jnp.where(valid, k, 0.0))
+    vs.append(jnp.where(valid, v, 0.0))
+    bs.append(jnp.where(valid, bias, NEG_INF))
   return jnp.concatenate(ks, 1), jnp.concatenate(vs, 1), jnp.concatenate(bs, 1)
 
 

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kvjax import kernels
 from kvjax.cache.base import AppendInfo, ordered_after
-from kvjax.kernels import reference as attn_ref
 from kvjax.model import rope
 from kvjax.model.config import WanConfig
 from kvjax.model.layers import (Dense, LayerNorm, RMSNorm, f32, gelu_tanh, layer_norm, modulate,
@@ -105,7 +105,7 @@ class Block(nnx.Module):
     ca = self.cross_attn
     hid = self.norm3(x).reshape(b, nf * p, d)
     cq = ca.norm_q(ca.q(hid)).reshape(b, nf * p, n, h)
-    y = ca.o(attn_ref.dense_attention(cq, *ctx_kv).reshape(b, nf * p, d), out_dtype=f32)
+    y = ca.o(kernels.dense_attention(cq, *ctx_kv).reshape(b, nf * p, d), out_dtype=f32)
     x = (x.astype(f32) + y.reshape(b, nf, p, d)).astype(cdt)
 
     # Feed-forward.
@@ -248,7 +248,6 @@ class WanDiT(nnx.Module):
     Returns:
       (v [B, F, C, h, w] float32 flow prediction or None, cache).
     """
-    cfg = self.cfg
     b, nf, _, hh, ww = x.shape
     tokens = self.patchify(x)
     e, e0 = self.time_embed(t)
@@ -259,11 +258,9 @@ class WanDiT(nnx.Module):
       state = cache if state is None else state
 
       def attn(q, k, v):
-        own = attn_ref.chunked_attention(q, attn_ref.DenseKV(k, v, p))
-        if method is None:
-          return own[0]
-        hist = method.attend(state, layer, q, impl)
-        return attn_ref.merge(*hist, *own)[0]
+        own = kernels.dense_source(k, v, p)
+        hist = [] if method is None else method.sources(state, layer, q.dtype)
+        return kernels.attention(q, [own, *hist], impl=impl)[0]
       return attn
 
     update = None
@@ -313,7 +310,7 @@ class WanDiT(nnx.Module):
     token_mask = jnp.repeat(jnp.repeat(jnp.asarray(frame_mask, bool), p, axis=0), p, axis=1)
 
     def make_attn(layer, _):
-      return lambda q, k, v: attn_ref.dense_attention(q, k, v, mask=token_mask)
+      return lambda q, k, v: kernels.dense_attention(q, k, v, mask=token_mask)
 
     x_out, _ = self._run_blocks(tokens, e0, cross_kv, cos_sin, make_attn)
     return self.unpatchify(self.head(x_out, e), hh, ww)

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvjax.cache import codecs as C
-from kvjax.cache import packing, quant
+from kvjax.cache import quant
+from kvjax.kernels import packing
 
 
 def _x(shape, seed=0, offset=0.0):

@@ -32,15 +32,15 @@ Demotions and promotions re-encode the current reconstruction, as the study's re
 Storage: per tier a slot store whose per-layer capacity is the largest tier count the plan can
 produce for that layer's budget (host-side simulation), laid out flat across layers, so a layer
 with a small budget does not pay for a large one.
+
+Planning math: ``plan.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -49,103 +49,14 @@ from flax import struct
 
 from kvjax import kernels
 from kvjax.cache import codecs as C
-from kvjax.cache import packing
-from kvjax.cache.base import (AppendInfo, CacheMethod, CacheSpec, frame_slot, from_storage,
-                              storage_dtype, to_storage)
-from kvjax.cache.registry import variant
-from kvjax.cache.ring import BF16, read_record, write_record
+from kvjax.cache.base import AppendInfo, CacheMethod, CacheSpec, frame_slot
+from kvjax.cache.flowcache.plan import chunk_deltas, frame_summary, layer_budgets, plan_counts
+from kvjax.cache.ring import read_record, write_record
+from kvjax.kernels import packing
+from kvjax.numerics import storage_dtype, to_storage
 
 f32 = jnp.float32
 A, B, PRUNED = 0, 1, 2
-
-# The study's profiled MovieGen budget table (spec 3.9), layer 0..29; mean 0.9003.
-MOVIEGEN_BUDGETS = (1.300, 1.022, 1.016, 0.878, 0.867, 0.889, 1.013, 0.915, 0.820, 1.016, 0.788,
-                    0.889, 0.808, 0.727, 0.710, 0.799, 0.700, 0.757, 0.851, 0.838, 0.856, 0.896,
-                    0.878, 0.875, 0.972, 0.919, 0.862, 1.054, 0.979, 1.112)
-
-
-def py_round(x):
-  """Python's round (half to even) on numpy/jax scalars."""
-  return jnp.round(x)
-
-
-def layer_budgets(spec_budget: str, num_layers: int, lo: float = 0.75, hi: float = 1.25) -> np.ndarray:
-  """Per-layer budgets: 'moviegen' (the study's table, 30 layers), 'linear' (lo -> hi ramp),
-  'auto' (moviegen for 30 layers, else linear), or a path to a JSON profile table."""
-  if spec_budget == 'auto':
-    spec_budget = 'moviegen' if num_layers == len(MOVIEGEN_BUDGETS) else 'linear'
-  if spec_budget == 'moviegen':
-    if num_layers != len(MOVIEGEN_BUDGETS):
-      raise ValueError(f"budget='moviegen' is the study's 30-layer table; the model has {num_layers} layers")
-    return np.asarray(MOVIEGEN_BUDGETS, np.float64)
-  if spec_budget == 'linear':
-    if num_layers == 1:
-      return np.asarray([(lo + hi) / 2])
-    return lo + (hi - lo) * np.arange(num_layers) / (num_layers - 1)
-  path = spec_budget.removeprefix('profile:')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"budget table not found: {path} (use 'auto', 'moviegen', 'linear' or "
-                            'a JSON written by the FLOWCACHE_PROFILE method)')
-  try:
-    with open(path) as f:
-      table = json.load(f)
-    budgets = np.asarray(table['budgets'], np.float64)
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f'{path}: not a budget table ({e})') from None
-  if budgets.shape != (num_layers,) or not np.all(np.isfinite(budgets)):
-    raise ValueError(f'{path}: {budgets.shape[0] if budgets.ndim else 0} budgets for a '
-                     f'{num_layers}-layer model')
-  return budgets
-
-
-def plan_counts(n_hist, block, budget, kind, recent_ratio, important_ratio, retained_ratio, xp=np):
-  """Tier sizes of one plan: (history recent, important, retained, pruned, n_old)."""
-  n = n_hist + block
-  n_recent = xp.clip(xp.round(xp.minimum(recent_ratio * budget, 1.0) * n), 1, n)
-  hist_recent = xp.clip(n_recent - block, 0, n_hist)
-  n_old = n_hist - hist_recent
-  zero = n_old * 0
-  if kind == 'hybrid':
-    return hist_recent, zero, zero, zero, n_old
-  n_imp = xp.where(n_old >= 1, xp.clip(xp.round(important_ratio * budget * n_old), 1, n_old), 0)
-  if kind == 'adaptive':
-    return hist_recent, n_imp, zero, zero, n_old
-  n_rem = n_old - n_imp
-  n_ret = xp.where(n_rem >= 1, xp.clip(xp.round(retained_ratio * budget * n_rem), 1, n_rem), 0)
-  return hist_recent, n_imp, n_ret, n_rem - n_ret, n_old
-
-
-def chunk_deltas(cur, frames, n_cur, prev, prev_frames, prev_n, alignment: str):
-  """Relative L1 change of chunk summaries against the previous plan's list.
-
-  Args:
-    cur: [C, N] summaries in list (absolute frame) order, first ``n_cur`` valid.
-    frames: [C] their frames; prev, prev_frames, prev_n: the previous list.
-    alignment: 'tail' pairs the last rows of both lists (the study); 'frame' pairs equal frames.
-  Returns:
-    [C] deltas (1.0 where unpaired).
-  """
-  c = cur.shape[0]
-  j = jnp.arange(c)
-  in_list = j < n_cur
-  if alignment == 'tail':
-    pj = j - n_cur + prev_n
-    paired = in_list & (pj >= 0) & (pj < prev_n)
-  else:
-    match = (prev_frames[None, :] == frames[:, None]) & (frames[:, None] >= 0)
-    paired = jnp.any(match, axis=1) & in_list
-    pj = jnp.argmax(match, axis=1)
-  pv = prev[jnp.clip(pj, 0, c - 1)]
-  num = jnp.mean(jnp.abs(cur - pv), axis=-1)
-  den = jnp.maximum(jnp.mean(jnp.abs(pv), axis=-1), 1e-6)
-  return jnp.where(paired, num / den, 1.0)
-
-
-def frame_summary(x):
-  """Per-head chunk summary part of one tensor: mean |x| over batch, tokens, head_dim.
-
-  x: [B, P, N, H] -> [N] float32 (the study's summary is this for K plus this for V)."""
-  return jnp.mean(jnp.abs(x.astype(f32)), axis=(0, 1, 3))
 
 
 @struct.dataclass
@@ -168,40 +79,30 @@ class FlowState:
   spec: CacheSpec = struct.field(pytree_node=False)
 
 
-class StoreSource:
-  """Chunked source over the occupied records of one layer in a flat slot store."""
-
-  def __init__(self, fields, owner, base, cap, codec_k, codec_v, dtype, frame_tokens):
-    idx = jnp.arange(owner.shape[0])
-    mine = (idx >= base) & (idx < base + cap) & (owner >= 0)
-    self.order = jnp.argsort(~mine, stable=True)
-    self.num_chunks = jnp.sum(mine).astype(jnp.int32)
-    self.fields, self.kc, self.vc, self.dtype = fields, codec_k, codec_v, dtype
-    self.chunk_tokens = frame_tokens
-    self.rotated = codec_k.rotated
-
-  def chunk(self, j):
-    g = self.order[j]
-    k = self.kc.decode(read_record(self.fields['k'], 0, g), self.dtype)[:, 0]
-    v = self.vc.decode(read_record(self.fields['v'], 0, g), self.dtype)[:, 0]
-    return k, v, jnp.zeros(k.shape[:2], f32)
+def store_source(fields, owner, base, cap, codec, frame_tokens):
+  """Source over the occupied records of one layer in a flat slot store ([1, B, R, ...] fields):
+  the records whose slot lies in the layer's range [base, base + cap) and has an owner."""
+  idx = jnp.arange(owner.shape[0])
+  mine = (idx >= base) & (idx < base + cap) & (owner >= 0)
+  return kernels.Source(k=fields['k'], v=fields['v'], layer=jnp.int32(0),
+                        index=jnp.argsort(~mine, stable=True).astype(jnp.int32),
+                        num_chunks=jnp.sum(mine).astype(jnp.int32), kfmt=codec, vfmt=codec,
+                        chunk_tokens=frame_tokens)
 
 
-class SummarySource:
-  """One chunk: the layer's pruned-chunk tokens, each with logit bias log(count)."""
-
-  def __init__(self, state: FlowState, layer, dtype, log_count, masked):
-    spec = state.spec
-    self.k = from_storage(state.sum_k[layer], spec.dtype).astype(dtype)
-    self.v = from_storage(state.sum_v[layer], spec.dtype).astype(dtype)
-    ok = state.sum_ok[layer] & (not masked)
-    self.bias = jnp.broadcast_to(jnp.where(ok, log_count, -jnp.inf).astype(f32),
-                                 (spec.batch, spec.capacity_frames))
-    self.num_chunks = jnp.any(ok).astype(jnp.int32)
-    self.chunk_tokens = spec.capacity_frames
-
-  def chunk(self, j):
-    return self.k, self.v, self.bias
+def summary_source(state: 'FlowState', layer, log_count: float, masked: bool):
+  """The layer's pruned chunks as one chunk of C tokens (one per ring position), each with
+  logit bias log(count) (or -inf: not pruned, or ``masked``)."""
+  spec = state.spec
+  c = spec.capacity_frames
+  shape = (spec.num_layers, spec.batch, 1, c, spec.num_heads, spec.head_dim)
+  ok = state.sum_ok & (not masked)                                       # [L, C]
+  bias = jnp.where(ok, log_count, -jnp.inf).astype(f32)[:, None, :]      # [L, 1, C]
+  fmt = C.Dense(spec.dtype)
+  return kernels.Source(k={'x': state.sum_k.reshape(shape)}, v={'x': state.sum_v.reshape(shape)},
+                        layer=jnp.asarray(layer, jnp.int32), index=jnp.zeros((1,), jnp.int32),
+                        num_chunks=jnp.any(ok[layer]).astype(jnp.int32), bias=bias, kfmt=fmt,
+                        vfmt=fmt, chunk_tokens=c)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +123,10 @@ class FlowCache(CacheMethod):
   prune_mode: str = 'zero'
   group_size: int = 16
   reuse_threshold: float = 0.0        # > 0: FLOWCACHE_NATIVE step reuse in the sampler
+
+  @property
+  def step_reuse_threshold(self) -> float:
+    return self.reuse_threshold
 
   def __post_init__(self):
     if self.kind not in ('hybrid', 'adaptive', 'prune', 'soft_prune'):
@@ -465,6 +370,8 @@ class FlowCache(CacheMethod):
 
   def sources(self, state: FlowState, layer, dtype):
     spec = state.spec
+    if spec.capacity_frames == 0:
+      return []
     lay = self.layout(spec)
     hi, lo = self.codecs()
     out = []
@@ -474,31 +381,21 @@ class FlowCache(CacheMethod):
         continue
       base = jnp.asarray(lay['base_a' if which == A else 'base_b'], jnp.int32)[layer]
       cap = jnp.asarray(caps, jnp.int32)[layer]
-      out.append(StoreSource(fields, owner, base, cap, codec, codec, dtype, spec.frame_tokens))
+      out.append(store_source(fields, owner, base, cap, codec, spec.frame_tokens))
     if self.plan_kind == 'prune':
-      out.append(SummarySource(state, layer, dtype, math.log(spec.frame_tokens),
-                               masked=(self.kind == 'prune' and self.prune_mode == 'mask')))
+      out.append(summary_source(state, layer, math.log(spec.frame_tokens),
+                                masked=(self.kind == 'prune' and self.prune_mode == 'mask')))
     return out
-
-  def attend(self, state: FlowState, layer, q, impl: str = 'auto'):
-    if state.spec.capacity_frames == 0:
-      b, t, n, _ = q.shape
-      return jnp.zeros_like(q), jnp.full((b, n, t), -jnp.inf, f32)
-    return kernels.attention(q, self.sources(state, layer, q.dtype), impl=impl)
 
   def materialize(self, state: FlowState, layer):
     """Every stored frame decoded, and every pruned chunk expanded to its ``count`` tokens."""
-    spec = state.spec
-    p = spec.frame_tokens
+    p = state.spec.frame_tokens
     ks, vs, bs = [], [], []
     for src in self.sources(state, layer, f32):
-      if isinstance(src, SummarySource):
-        ok = jnp.isfinite(src.bias)                                   # [B, C]
-        ks.append(jnp.repeat(src.k, p, axis=1))
-        vs.append(jnp.repeat(src.v, p, axis=1))
-        bs.append(jnp.repeat(jnp.where(ok, 0.0, -jnp.inf), p, axis=1))
-        continue
-      k, v, bias = kernels.materialize_source(src, src.order.shape[0])
+      k, v, bias = kernels.materialize_source(src)
+      if src.bias is not None:                      # the summary: a token stands for p tokens
+        k, v = jnp.repeat(k, p, axis=1), jnp.repeat(v, p, axis=1)
+        bias = jnp.repeat(jnp.where(jnp.isfinite(bias), 0.0, -jnp.inf), p, axis=1)
       ks.append(k)
       vs.append(v)
       bs.append(bias)
@@ -528,126 +425,3 @@ def _flow_layout(method: FlowCache, spec: CacheSpec):
   base_b = np.concatenate([[0], np.cumsum(cap_b)[:-1]])
   return {'budgets': budgets, 'cap_a': cap_a, 'cap_b': cap_b, 'base_a': base_a, 'base_b': base_b,
           'ra': max(int(cap_a.sum()), 1), 'rb': max(int(cap_b.sum()), 1)}
-
-
-@struct.dataclass
-class ProfileState:
-  ring: object            # the BF16 ring state
-  frame_of: jax.Array     # [L, C]
-  summ: jax.Array         # [L, C, N]
-  prev_summ: jax.Array
-  prev_frame: jax.Array
-  prev_n: jax.Array
-  delta_sum: jax.Array    # [L] accumulated mean delta of old chunks
-  events: jax.Array       # [L]
-  spec: CacheSpec = struct.field(pytree_node=False)
-
-
-@dataclasses.dataclass(frozen=True)
-class FlowCacheProfile(CacheMethod):
-  """The study's profiling pass (spec 3.9.6): an exact BF16 cache that, at every append,
-  accumulates per layer the mean delta of the old chunks (all but the newest
-  max(1, round(0.25 n))). ``budget_table(state)`` maps the layer scores linearly to
-  [0.7, 1.3]; the launcher writes it as ``budget_table.json`` for the FlowCache methods'
-  ``budget=profile:<path>``."""
-  name = 'FLOWCACHE_PROFILE'
-  aliases = ('flowcache_profile', 'profile')
-  family = 'FLOWCACHE'
-  description = 'profiling pass: exact BF16 cache + per-layer chunk-delta statistics'
-  recent_ratio: float = 0.25
-  delta_alignment: str = 'tail'
-
-  def init(self, spec):
-    l, c, n = spec.num_layers, spec.capacity_frames, spec.num_heads
-    return ProfileState(ring=BF16().init(spec), frame_of=jnp.full((l, c), -1, jnp.int32),
-                        summ=jnp.zeros((l, c, n), f32), prev_summ=jnp.zeros((l, c, n), f32),
-                        prev_frame=jnp.full((l, c), -1, jnp.int32), prev_n=jnp.zeros((l,), jnp.int32),
-                        delta_sum=jnp.zeros((l,), f32), events=jnp.zeros((l,), f32), spec=spec)
-
-  def append(self, state, layer, k, v, info):
-    spec = state.spec
-    ring = BF16().append(state.ring, layer, k, v, info)
-    if spec.capacity_frames == 0:
-      return state.replace(ring=ring)
-    bf, p = spec.block_frames, spec.frame_tokens
-    b, _, n, h = k.shape
-    xk, xv = k.reshape(b, bf, p, n, h), v.reshape(b, bf, p, n, h)
-    st = state
-    for i in range(bf):
-      pos = frame_slot(info.start_frame + i, spec)
-      st = st.replace(frame_of=st.frame_of.at[layer, pos].set(info.start_frame + i),
-                      summ=st.summ.at[layer, pos].set(frame_summary(xk[:, i]) + frame_summary(xv[:, i])))
-    frame_of = st.frame_of[layer]
-    valid = frame_of >= 0
-    order = jnp.argsort(jnp.where(valid, frame_of, jnp.iinfo(jnp.int32).max), stable=True)
-    n_hist = jnp.sum(valid).astype(jnp.int32)
-    cur = st.summ[layer][order]
-    delta = chunk_deltas(cur, frame_of[order], n_hist, st.prev_summ[layer], st.prev_frame[layer],
-                         st.prev_n[layer], self.delta_alignment)
-    n_all = n_hist + bf
-    n_old = n_all - jnp.maximum(1, jnp.round(self.recent_ratio * n_all)).astype(jnp.int32)
-    old = jnp.arange(spec.capacity_frames) < jnp.minimum(n_old, n_hist)
-    cnt = jnp.sum(old)
-    mean_old = jnp.where(cnt > 0, jnp.sum(jnp.where(old, delta, 0.0)) / jnp.maximum(cnt, 1), 0.0)
-    in_list = jnp.arange(spec.capacity_frames) < n_hist
-    return st.replace(
-        ring=ring,
-        prev_summ=st.prev_summ.at[layer].set(jnp.where(in_list[:, None], cur, 0.0)),
-        prev_frame=st.prev_frame.at[layer].set(jnp.where(in_list, frame_of[order], -1)),
-        prev_n=st.prev_n.at[layer].set(n_hist),
-        delta_sum=st.delta_sum.at[layer].add(jnp.where(cnt > 0, mean_old, 0.0)),
-        events=st.events.at[layer].add(jnp.where(cnt > 0, 1.0, 0.0)))
-
-  def attend(self, state, layer, q, impl='auto'):
-    return BF16().attend(state.ring, layer, q, impl)
-
-  def materialize(self, state, layer):
-    return BF16().materialize(state.ring, layer)
-
-  @staticmethod
-  def budget_table(state) -> dict:
-    """Layer scores and budgets 0.7 + 0.6 (s - min) / (max - min) (all 1.0 if equal)."""
-    scores = np.asarray(state.delta_sum) / np.maximum(np.asarray(state.events), 1.0)
-    lo, hi = float(scores.min()), float(scores.max())
-    budgets = (0.7 + 0.6 * (scores - lo) / (hi - lo)) if hi > lo else np.ones_like(scores)
-    return {'budgets': [float(x) for x in budgets], 'layer_scores': [float(x) for x in scores],
-            'events': [float(x) for x in np.asarray(state.events)]}
-
-  def artifacts(self, state) -> dict:
-    return {'budget_table.json': self.budget_table(state)}
-
-
-@dataclasses.dataclass(frozen=True)
-class FlowCacheNative(BF16):
-  """FLOWCACHE_NATIVE: the exact BF16 cache plus denoising-step reuse in the sampler
-  (``reuse_threshold``; see ``kvjax.sampler`` for the reconstructed rule)."""
-  name = 'FLOWCACHE_NATIVE'
-  aliases = ('native', 'flowcache_native')
-  family = 'FLOWCACHE'
-  description = 'BF16 cache; a denoising step is skipped (model output reused) while the accumulated input change stays below the threshold'
-  reuse_threshold: float = 1.5
-
-
-_FLOW = [
-    ('FLOWCACHE_HYBRID_INT2', ('hybrid_int2', 'flowcache_hybrid'), 'newest chunks INT4, the rest INT2',
-     dict(kind='hybrid', bits=2)),
-    ('FLOWCACHE_ADAPTIVE_INT2', ('adaptive_int2', 'flowcache_adaptive'),
-     'recent + 20% most important old chunks INT4, the rest INT2',
-     dict(kind='adaptive', bits=2, important_ratio=0.2)),
-    ('FLOWCACHE_PRUNE_INT4', ('prune_int4', 'flowcache_prune_int4'),
-     'recent/important/45% retained INT4, the rest pruned (zero keys keep softmax mass)',
-     dict(kind='prune', bits=4, important_ratio=0.1, retained_ratio=0.45)),
-    ('FLOWCACHE_PRUNE_INT2', ('prune_int2', 'flowcache_prune_int2'),
-     'recent/important INT4, 30% retained INT2, the rest pruned',
-     dict(kind='prune', bits=2, important_ratio=0.1, retained_ratio=0.30)),
-    ('FLOWCACHE_SOFT_PRUNE_INT4', ('softprune_int4', 'soft_prune_int4', 'flowcache_soft_prune_int4'),
-     'as PRUNE_INT4, pruned chunks become one mean token with bias log(count)',
-     dict(kind='soft_prune', bits=4, important_ratio=0.1, retained_ratio=0.45)),
-    ('FLOWCACHE_SOFT_PRUNE_INT2', ('softprune_int2', 'soft_prune_int2', 'flowcache_soft_prune_int2'),
-     'soft pruning, retained INT2', dict(kind='soft_prune', bits=2, important_ratio=0.1, retained_ratio=0.45)),
-]
-for _name, _aliases, _desc, _kw in _FLOW:
-  variant(FlowCache, _name, _aliases, _desc, **_kw)
-variant(FlowCache, 'FLOWCACHE_NATIVE_SOFT_PRUNE_INT4', ('native_softprune_int4', 'native_soft_prune_int4'),
-        'FLOWCACHE_SOFT_PRUNE_INT4 plus denoising-step reuse',
-        kind='soft_prune', bits=4, important_ratio=0.1, retained_ratio=0.45, reuse_threshold=1.5)

@@ -1,4 +1,4 @@
-"""Self-Forcing block-autoregressive sampler and its flow-matching scheduler.
+"""The compiled Self-Forcing rollout with a KV-cache method (``SelfForcing``).
 
 Per block of ``block_frames`` latent frames (spec/model.md section 2.4):
   for i, t in enumerate(timesteps):            # (1000, 937.5, 833.33, 625) after warping
@@ -6,26 +6,26 @@ Per block of ``block_frames`` latent frames (spec/model.md section 2.4):
       x0 = x_t - sigma(t) * v
       if i < last: x_t = (1 - sigma(t_next)) * x0 + sigma(t_next) * eps_{block, i}   # fresh noise
   DiT(x0, t=context_noise, cache, write)       # the context pass appends the block's clean K/V
-Noise is explicit: ``initial`` [B, F, C, h, w] and ``renoise`` [blocks, steps-1, B, bf, C, h, w].
-Scheduler, conversions and latents are float32.
 
-Step reuse (FLOWCACHE_NATIVE; methods with ``reuse_threshold`` > 0). The study's reuse manager
-is not published; kvjax reconstructs it TeaCache-style: at every denoising step after the first,
-the relative L1 change of the first block's modulated input (``WanDiT.reuse_feature``) against
-the previous step is added to an accumulator; while the accumulator stays below the threshold
-the DiT call is skipped and the last computed flow prediction is reused; a computed step resets
-it. The first and the last denoising step of a block are always computed and the context pass
-is never skipped. With fresh re-noising every step the change is ~1.2 per step, so a threshold
-of 1.5 skips exactly one of the four steps of every block and 0.1 skips none — the study's
-logged behaviour (spec 3.9.7).
+Step reuse (FLOWCACHE_NATIVE; methods with ``step_reuse_threshold`` > 0). The study's reuse
+manager is not published; kvjax reconstructs it TeaCache-style: at every denoising step after the
+first, the relative L1 change of the first block's modulated input (``WanDiT.reuse_feature``)
+against the previous step is added to an accumulator; while the accumulator stays below the
+threshold the DiT call is skipped and the last computed flow prediction is reused; a computed
+step resets it. The first and the last denoising step of a block are always computed and the
+context pass is never skipped. With fresh re-noising every step the change is ~1.2 per step, so a
+threshold of 1.5 skips exactly one of the four steps of every block and 0.1 skips none — the
+study's logged behaviour (spec 3.9.7).
+
+Methods with ``refresh_every_call`` get their cache re-encoded (``method.refresh``) before every
+DiT call, the context pass included.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,119 +33,15 @@ import numpy as np
 from flax import nnx
 
 from kvjax.cache.base import AppendInfo, CacheMethod, CacheSpec
-from kvjax.configlib import FrozenConfig
 from kvjax.model import WanConfig, WanDiT
+from kvjax.sampler.noise import Noise
+from kvjax.sampler.scheduler import SamplerConfig, schedule
 
 f32 = jnp.float32
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplerConfig(FrozenConfig):
-  denoising_steps: tuple[float, ...] = (1000, 750, 500, 250)
-  warp_denoising_step: bool = True
-  timestep_shift: float = 5.0
-  num_train_timesteps: int = 1000
-  block_frames: int = 3
-  context_noise: float = 0.0
-
-  _what = 'sampler config'
-
-  def __post_init__(self):
-    object.__setattr__(self, 'denoising_steps', tuple(float(s) for s in self.denoising_steps))
-
-
-def shifted_grid(num_train_timesteps: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
-  """Self-Forcing's FlowMatchScheduler(shift, sigma_min=0, extra_one_step=True) training grid.
-
-  Returns:
-    timesteps [N] float32 (1000 ... 4.98), sigmas [N] float32.
-  """
-  s = np.linspace(1.0, 0.0, num_train_timesteps + 1, dtype=np.float32)[:-1]
-  sig = (shift * s / (1.0 + (shift - 1.0) * s)).astype(np.float32)
-  return (sig * num_train_timesteps).astype(np.float32), sig
-
-
-def schedule(cfg: SamplerConfig) -> tuple[np.ndarray, np.ndarray]:
-  """The denoising timesteps and their sigmas (nearest-grid lookup), both float32 [K]."""
-  grid_t, grid_s = shifted_grid(cfg.num_train_timesteps, cfg.timestep_shift)
-  steps = np.asarray(cfg.denoising_steps, np.float64)
-  if cfg.warp_denoising_step:
-    ext = np.concatenate([grid_t, np.zeros(1, np.float32)])
-    idx = (cfg.num_train_timesteps - steps).astype(np.int64)
-    if idx.min() < 0 or idx.max() > cfg.num_train_timesteps:
-      raise ValueError(f'denoising_steps {cfg.denoising_steps} outside [0, {cfg.num_train_timesteps}]')
-    ts = ext[idx]
-  else:
-    ts = steps.astype(np.float32)
-  return ts.astype(np.float32), np.asarray([sigma_of(t, cfg) for t in ts], np.float32)
-
-
-def sigma_of(t: float, cfg: SamplerConfig) -> float:
-  """sigma[argmin |t_grid - t|]; 0 for t = 0 (a clean input)."""
-  if t <= 0:
-    return 0.0
-  grid_t, grid_s = shifted_grid(cfg.num_train_timesteps, cfg.timestep_shift)
-  return float(grid_s[np.argmin(np.abs(grid_t.astype(np.float64) - t))])
-
-
-class Noise(NamedTuple):
-  """initial: [B, F, C, h, w]; renoise: [num_blocks, steps - 1, B, block_frames, C, h, w]."""
-  initial: Any
-  renoise: Any
-
-
-def noise_shapes(batch, frames, channels, height, width, cfg: SamplerConfig):
-  nb = frames // cfg.block_frames
-  return ((batch, frames, channels, height, width),
-          (nb, len(cfg.denoising_steps) - 1, batch, cfg.block_frames, channels, height, width))
-
-
-def make_noise(seed: int, batch, frames, channels, height, width, cfg: SamplerConfig) -> Noise:
-  """Gaussian noise for a whole rollout from ``seed`` (float32)."""
-  s_init, s_re = noise_shapes(batch, frames, channels, height, width, cfg)
-  k1, k2 = jax.random.split(jax.random.key(seed))
-  return Noise(jax.random.normal(k1, s_init, f32), jax.random.normal(k2, s_re, f32))
-
-
-def validate_noise(noise: Noise, cfg: SamplerConfig, channels: int, what: str = 'noise') -> None:
-  """Checks shapes and finiteness of explicit noise; raises ValueError naming the problem."""
-  init = np.asarray(noise.initial)
-  if init.ndim != 5:
-    raise ValueError(f'{what}: initial must be [B, F, C, h, w], got shape {init.shape}')
-  b, f, c, h, w = init.shape
-  if c != channels:
-    raise ValueError(f'{what}: initial has {c} channels, the model expects {channels} '
-                     '(layout is [B, F, C, h, w]: frames before channels)')
-  if f % cfg.block_frames:
-    raise ValueError(f'{what}: {f} latent frames is not a multiple of the block '
-                     f'({cfg.block_frames} frames)')
-  _, want = noise_shapes(b, f, c, h, w, cfg)
-  if tuple(np.shape(noise.renoise)) != want:
-    raise ValueError(f'{what}: renoise has shape {tuple(np.shape(noise.renoise))}, expected '
-                     f'{want} = [num_blocks, steps-1, B, block_frames, C, h, w]')
-  for name, arr in (('initial', init), ('renoise', np.asarray(noise.renoise))):
-    if not np.all(np.isfinite(arr)):
-      raise ValueError(f'{what}: {name} contains NaN or Inf')
-
-
-def load_noise(path: str, cfg: SamplerConfig, channels: int) -> Noise:
-  """Loads and validates a noise .npz with arrays ``initial`` and ``renoise``."""
-  try:
-    with np.load(path, allow_pickle=False) as z:
-      files = list(getattr(z, 'files', []))
-      arrays = {k: np.asarray(z[k], np.float32) for k in ('initial', 'renoise') if k in files}
-  except FileNotFoundError:
-    raise FileNotFoundError(f'noise file not found: {path}') from None
-  except (OSError, EOFError, ValueError, AttributeError) as e:
-    raise ValueError(f'noise file {path} is not a readable .npz: {e}') from None
-  missing = [k for k in ('initial', 'renoise') if k not in arrays]
-  if missing:
-    raise ValueError(f'noise file {path}: missing array(s) {missing} (has {files})')
-  noise = Noise(arrays['initial'], arrays['renoise'])
-  validate_noise(noise, cfg, channels, what=f'noise file {path}')
-  return noise
-
-
+# Compiled step functions shared by every SelfForcing of the process, keyed by (step, geometry)
+# or, for the steps that read the cache, (step, geometry, method, spec, impl).
 _COMPILED: dict[Any, dict[str, Any]] = {}
 
 
@@ -225,7 +121,8 @@ class SelfForcing:
 
   @property
   def reuse_threshold(self) -> float:
-    return float(getattr(self.method, 'reuse_threshold', 0.0) or 0.0)
+    """The method's ``step_reuse_threshold`` (0: every denoising step is computed)."""
+    return float(self.method.step_reuse_threshold)
 
   # ------------------------------------------------------------ compilation
   def abstract_args(self, params, text_len: int, text_dim: int):
@@ -263,7 +160,7 @@ class SelfForcing:
       feat = jax.eval_shape(self.feature_fn, p, a['x'], a['scalar'])
       out['feature'] = lambda: jax.jit(self.feature_fn).lower(p, a['x'], a['scalar'])
       out['rel_l1'] = lambda: jax.jit(self.rel_l1_fn).lower(feat, feat)
-    if getattr(self.method, 'refresh_every_call', False):
+    if self.method.refresh_every_call:
       out['refresh'] = lambda: jax.jit(self.method.refresh, donate_argnums=(0,)).lower(a['cache'])
     return out
 
@@ -365,64 +262,3 @@ class SelfForcing:
     jax.block_until_ready(cache)
     stats.runtime_s = time.perf_counter() - t0
     return latents, cache, stats
-
-
-# ---------------------------------------------------------------------------- references
-def frame_mask(num_frames: int, block_frames: int, window_frames: int, sink_frames: int = 0):
-  """Block-causal frame mask equivalent to the KV-cache rollout (spec/model.md section 2.5).
-
-  Query frame i of block k (ending at e_k = block_frames * (k + 1)) may attend to key frame j iff
-  j < e_k and (j < sink_frames or j >= e_k - (window_frames - sink_frames)).
-
-  Returns:
-    [num_frames, num_frames] numpy bool.
-  """
-  i = np.arange(num_frames)[:, None]
-  j = np.arange(num_frames)[None, :]
-  end = (i // block_frames + 1) * block_frames
-  return (j < end) & ((j < sink_frames) | (j >= end - (window_frames - sink_frames)))
-
-
-@functools.lru_cache(maxsize=8)
-def _jit_cross(gdef):
-  return jax.jit(lambda p, t: nnx.merge(gdef, p).cross_kv(t))
-
-
-@functools.lru_cache(maxsize=8)
-def _jit_full(gdef):
-  return jax.jit(lambda p, x, t, c, m: nnx.merge(gdef, p).forward_full(x, t, c, m))
-
-
-def reference_rollout(model: WanDiT, noise: Noise, text_states, cfg: SamplerConfig,
-                      window_frames: int, sink_frames: int = 0, mask_fn=frame_mask):
-  """Cache-free rollout: every DiT call recomputes the whole prefix under the frame mask.
-
-  Block b's call at timestep t runs the model on [clean frames 0..e_b-bf at t=context_noise ||
-  the block's noisy frames at t] with ``mask_fn`` and keeps the last block's outputs. This is
-  the independent path the KV-cache rollout is checked against.
-
-  Returns:
-    latents [B, F, C, h, w] float32 numpy.
-  """
-  ts, sigmas = schedule(cfg)
-  init = jnp.asarray(noise.initial, f32)
-  b, nf = init.shape[:2]
-  bf = cfg.block_frames
-  gdef, params = nnx.split(model)
-  cross = _jit_cross(gdef)(params, jnp.asarray(text_states, model.cfg.cdtype))
-  fwd = functools.partial(_jit_full(gdef), params)
-  clean = []
-  for blk in range(nf // bf):
-    n = (blk + 1) * bf
-    mask = jnp.asarray(mask_fn(n, bf, window_frames, sink_frames))
-    x = init[:, blk * bf:n]
-    for i, (t, s) in enumerate(zip(ts, sigmas)):
-      xs = jnp.concatenate(clean + [x], axis=1)
-      tt = jnp.concatenate([jnp.full((b, n - bf), cfg.context_noise, f32),
-                            jnp.full((b, bf), t, f32)], axis=1)
-      v = fwd(xs, tt, cross, mask)[:, n - bf:]
-      x0 = x - s * v
-      if i + 1 < len(ts):
-        x = (1.0 - sigmas[i + 1]) * x0 + sigmas[i + 1] * jnp.asarray(noise.renoise)[blk, i]
-    clean.append(x0)
-  return np.asarray(jnp.concatenate(clean, axis=1))

@@ -1,0 +1,207 @@
+"""Attention over packed caches: the fused Pallas kernel per storage format against BF16 attention,
+and end-to-end step time and device peak memory per cache method.
+
+  python launch/bench_attention.py                      # on a GPU: Self-Forcing shapes, 1.3B e2e
+  python launch/bench_attention.py --small              # CPU smoke run (interpret mode, tiny e2e)
+  python launch/bench_attention.py --formats=int4,kivi_int2 --methods=rtn_int4 --out=attn.md
+
+Kernel table (one row per storage format): a query block of ``--query_frames`` frames against
+``--history_frames`` cached frames of ``--frame_tokens`` tokens, ``--heads`` x ``--head_dim``.
+The BF16 baseline is ``jax.nn.dot_product_attention`` over the same tokens held dense in
+bfloat16 (``implementation='cudnn'`` on GPU, XLA elsewhere); the XLA walk is kvjax's chunked jnp
+path over the packed records. Each time is the median of ``--repeats`` samples, a sample
+repeating the call until it lasts >= 50 ms; TFLOP/s counts 4 * B * N * T * S * H.
+
+End-to-end table: ``launch/bench_methods.py``'s paired method/BF16 step timing with
+``impl=pallas`` at ``--e2e_config`` (random weights; no checkpoint needed), plus the device's
+peak memory per method (``memory_stats()['peak_bytes_in_use']``, reset per method by running it
+in a fresh process when ``--isolate`` is given; otherwise the running peak).
+
+On CPU the kernels run with ``interpret=True``: the numbers only prove the script works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kvjax import cache as kvcache  # noqa: E402
+from kvjax import kernels  # noqa: E402
+from kvjax.cache import codecs as C  # noqa: E402
+from kvjax.kernels import pallas_gpu, reference  # noqa: E402
+from launch import bench_methods  # noqa: E402  (paired step timing, shared)
+
+# name -> (key codec, value codec): every storage format the 33 methods' sources use.
+FORMATS = {
+    'bf16': (C.Dense(jnp.bfloat16), C.Dense(jnp.bfloat16)),
+    'int8': (C.SymRTN(8), C.SymRTN(8)),
+    'int4': (C.SymRTN(4), C.SymRTN(4)),
+    'int2': (C.SymRTN(2), C.SymRTN(2)),
+    'k2_v4': (C.SymRTN(2), C.SymRTN(4)),
+    'int4_bf16_dequant': (C.SymRTN(4, dequant_dtype='bfloat16'), C.SymRTN(4, dequant_dtype='bfloat16')),
+    'kivi_int4': (C.AsymGroup(4), C.AsymToken(4)),
+    'kivi_int2': (C.AsymGroup(2), C.AsymToken(2)),
+    'quarot_int4': (C.Rotated(C.SymRTN(4)), C.Rotated(C.SymRTN(4))),
+    'prq_int4': (C.PRQ(4, 4), C.PRQ(4, 4)),
+    'prq_int2': (C.PRQ(2, 2), C.PRQ(2, 2)),
+}
+
+MIN_SAMPLE_S = 0.05
+
+
+def make_source(kc, vc, b, r, p, n, h, seed=0) -> kernels.Source:
+  """A one-layer source of ``r`` records of ``p`` tokens encoded from random bf16 K/V."""
+  rng = np.random.default_rng(seed)
+  x = lambda: jnp.asarray(rng.standard_normal((b, r, p, n, h)), jnp.bfloat16)  # noqa: E731
+  k, v = jax.jit(kc.encode)(x()), jax.jit(vc.encode)(x())
+  return kernels.Source(k={n_: a[None] for n_, a in k.items()},
+                        v={n_: a[None] for n_, a in v.items()}, layer=jnp.int32(0),
+                        index=jnp.arange(r, dtype=jnp.int32), num_chunks=jnp.int32(r), kfmt=kc,
+                        vfmt=vc, chunk_tokens=p)
+
+
+def time_fn(f, repeats: int) -> float:
+  """Median seconds per call (each sample repeats the call for >= MIN_SAMPLE_S)."""
+  t0 = time.perf_counter()
+  jax.block_until_ready(f())
+  n = max(1, int(np.ceil(MIN_SAMPLE_S / max(time.perf_counter() - t0, 1e-6))))
+  samples = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(n):
+      out = f()
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - t0) / n)
+  return statistics.median(samples)
+
+
+def bench_kernels(args, formats) -> dict:
+  b, n, h, p = 1, args.heads, args.head_dim, args.frame_tokens
+  t, r = args.query_frames * p, args.history_frames
+  s = r * p
+  gpu = jax.default_backend() == 'gpu'
+  rng = np.random.default_rng(1)
+  q = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.bfloat16)
+  kd = jnp.asarray(rng.standard_normal((b, s, n, h)), jnp.bfloat16)
+  vd = jnp.asarray(rng.standard_normal((b, s, n, h)), jnp.bfloat16)
+  flops = 4.0 * b * n * t * s * h
+  dpa = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, implementation='cudnn' if gpu else 'xla'))
+  base = time_fn(lambda: dpa(q, kd, vd), args.repeats)
+  rows = {'bf16 dot_product_attention': dict(ms=base * 1e3, tflops=flops / base / 1e12, ratio=1.0)}
+  print(f'baseline {"cudnn" if gpu else "xla"} bf16: {base * 1e3:.3f} ms', file=sys.stderr, flush=True)
+  scale = 1.0 / h**0.5
+  for name in formats:
+    kc, vc = FORMATS[name]
+    src = make_source(kc, vc, b, r, p, n, h)
+    reason = pallas_gpu.unsupported(src)
+    row = {}
+    if reason is None:
+      kern = jax.jit(lambda q, src: pallas_gpu.source_attention(q, src, scale, interpret=not gpu))
+      sec = time_fn(lambda: kern(q, src), args.repeats)
+      row.update(ms=sec * 1e3, tflops=flops / sec / 1e12, ratio=base / sec)
+    else:
+      row.update(unsupported=reason)
+    if args.xla_walk:
+      walk = jax.jit(lambda q, src: reference.walk(q, src, scale))
+      row['xla_walk_ms'] = time_fn(lambda: walk(q, src), args.repeats) * 1e3
+    row['kv_bytes'] = int(sum(x.nbytes for x in jax.tree.leaves((src.k, src.v))))
+    rows[name] = row
+    print(f'{name:20s} {row}', file=sys.stderr, flush=True)
+  return dict(shape=dict(batch=b, query_tokens=t, cached_tokens=s, heads=n, head_dim=h), rows=rows)
+
+
+def bench_e2e(args, methods) -> dict:
+  params_cache: dict = {}
+  ref = bench_methods.prepare(args.e2e_config, 'BF16', params_cache, impl=args.impl)
+  rows = {}
+  for m in methods:
+    run_ = ref if m == 'BF16' else bench_methods.prepare(args.e2e_config, m, params_cache, impl=args.impl)
+    rows[m] = bench_methods.time_against(ref, run_, args.repeats)
+    stats = jax.devices()[0].memory_stats() or {}
+    rows[m]['peak_bytes_in_use'] = stats.get('peak_bytes_in_use')
+    print(f'[e2e] {m:45s} {rows[m]}', file=sys.stderr, flush=True)
+  return rows
+
+
+def markdown(raw: dict) -> str:
+  k = raw['kernels']
+  sh = k['shape']
+  lines = [f'### Attention kernels ({raw["device"]}): B={sh["batch"]}, T={sh["query_tokens"]}, '
+           f'S={sh["cached_tokens"]}, {sh["heads"]} heads x {sh["head_dim"]}\n',
+           '| format | ms | TFLOP/s | x BF16 throughput | XLA walk ms | KV bytes |',
+           '|---|---:|---:|---:|---:|---:|']
+  for name, r in k['rows'].items():
+    if 'unsupported' in r:
+      lines.append(f'| {name} | unsupported: {r["unsupported"]} | | | | |')
+      continue
+    walk = f'{r["xla_walk_ms"]:.3f}' if 'xla_walk_ms' in r else ''
+    lines.append(f'| {name} | {r["ms"]:.3f} | {r["tflops"]:.3g} | {r["ratio"]:.2f} | {walk} | '
+                 f'{r.get("kv_bytes", "")} |')
+  if raw.get('e2e'):
+    lines += [f'\n### End to end, `{raw["e2e_config"]}`, impl={raw["impl"]}\n',
+              '| method | denoise ms | x BF16 | context ms | x BF16 | KV bytes | peak bytes |',
+              '|---|---:|---:|---:|---:|---:|---:|']
+    for m, r in raw['e2e'].items():
+      lines.append(f'| {m} | {r["denoise_ms"]:.2f} | {r["denoise_ratio"]:.2f} | {r["context_ms"]:.2f} '
+                   f'| {r["context_ratio"]:.2f} | {r["kv_bytes"]:,} | {r["peak_bytes_in_use"] or "n/a"} |')
+  return '\n'.join(lines)
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--small', action='store_true', help='CPU smoke shapes (tiny e2e config)')
+  ap.add_argument('--formats', default='all', help=f'comma list of {sorted(FORMATS)} or all')
+  ap.add_argument('--methods', default='all', help="e2e methods (names/aliases), 'all' or 'none'")
+  ap.add_argument('--frame_tokens', type=int, default=1560)
+  ap.add_argument('--history_frames', type=int, default=18)
+  ap.add_argument('--query_frames', type=int, default=3)
+  ap.add_argument('--heads', type=int, default=12)
+  ap.add_argument('--head_dim', type=int, default=128)
+  ap.add_argument('--e2e_config', default='wan2.1_t2v_1.3b')
+  ap.add_argument('--impl', default='auto', choices=kernels.IMPLS)
+  ap.add_argument('--repeats', type=int, default=5)
+  ap.add_argument('--xla_walk', action='store_true', help='also time the XLA walk per format')
+  ap.add_argument('--out', default=None, help='write the markdown tables here too')
+  ap.add_argument('--json', default=None, help='write raw numbers as JSON')
+  args = ap.parse_args(argv)
+  if args.small:
+    args.frame_tokens, args.history_frames, args.query_frames = 64, 3, 1
+    args.heads, args.head_dim, args.e2e_config, args.repeats = 2, 64, 'tiny', 2
+  formats = sorted(FORMATS) if args.formats == 'all' else args.formats.split(',')
+  unknown = sorted(set(formats) - set(FORMATS))
+  if unknown:
+    ap.error(f'unknown formats {unknown}; valid: {sorted(FORMATS)}')
+  if args.methods == 'all':
+    methods = list(kvcache.PAPER_NAMES)
+  elif args.methods == 'none':
+    methods = []
+  else:
+    methods = [kvcache.canonical(m) for m in args.methods.split(',')]
+  raw = dict(backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
+             impl=args.impl, e2e_config=args.e2e_config)
+  raw['kernels'] = bench_kernels(args, formats)
+  raw['e2e'] = bench_e2e(args, methods) if methods else {}
+  text = markdown(raw)
+  print(text)
+  if args.out:
+    with open(args.out, 'w') as f:
+      f.write(text + '\n')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(raw, f, indent=2, default=str)
+  return raw
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,326 @@
+"""The fused Pallas Triton kernel (``pallas_gpu.source_attention``) against ``reference.walk``.
+
+Layout follows jax.experimental.pallas.ops / tokamax kernel tests: one base class parametrized
+over every supported key/value format combination, run natively on a GPU; an interpret-mode
+subclass that runs the same cases on CPU; negative controls showing that the metric catches the
+usual decode bugs; and a CUDA cross-lowering check (no GPU needed) that every variant lowers to
+the Triton custom call.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.extend.core
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+
+from kvjax.cache import codecs as C
+from kvjax.kernels import formats as F
+from kvjax.kernels import pallas_gpu, reference
+from kvjax.kernels.source import Source
+
+SCALE = 0.125
+TOL = {'float32': 1e-5, 'bfloat16': 2e-3}
+# bfloat16 queries, a chunk spanning several key tiles: the kernel rounds the probabilities to
+# bfloat16 relative to the running max after each key tile, the reference after each whole chunk,
+# so the two differ by up to one bfloat16 rounding (2^-8 relative) of the dominant probabilities.
+TOL_BF16_MULTI_TILE = 4e-3
+TRITON_CALL = '__gpu$xla.gpu.triton'
+
+# Key / value codecs of every supported format combination.
+COMBOS = {
+    'dense_bf16': (C.Dense(jnp.bfloat16), C.Dense(jnp.bfloat16)),
+    'dense_f32': (C.Dense(jnp.float32), C.Dense(jnp.float32)),
+    'sym8': (C.SymRTN(8, 16), C.SymRTN(8, 16)),
+    'sym4': (C.SymRTN(4, 16), C.SymRTN(4, 16)),
+    'sym2': (C.SymRTN(2, 16), C.SymRTN(2, 16)),
+    'sym8_bf16dq': (C.SymRTN(8, 16, 'bfloat16'), C.SymRTN(8, 16, 'bfloat16')),
+    'sym4_bf16dq': (C.SymRTN(4, 16, 'bfloat16'), C.SymRTN(4, 16, 'bfloat16')),
+    'sym2_bf16dq': (C.SymRTN(2, 16, 'bfloat16'), C.SymRTN(2, 16, 'bfloat16')),
+    'kivi2': (C.AsymGroup(2, 16), C.AsymToken(2)),
+    'kivi4_bf16dq': (C.AsymGroup(4, 16, dequant_dtype='bfloat16'),
+                     C.AsymToken(4, dequant_dtype='bfloat16')),
+    'prq42': (C.PRQ(4, 2, 16), C.PRQ(4, 2, 16)),
+    'quarot4': (C.Rotated(C.SymRTN(4, 16)), C.Rotated(C.SymRTN(4, 16))),
+    'mixed_sym2k_sym4v': (C.SymRTN(2, 16), C.SymRTN(4, 16)),
+    'mixed_densek_asym8v': (C.Dense(jnp.float16), C.AsymGroup(8, 8)),
+    'mixed_prq24k_sym8v_g32': (C.PRQ(2, 4, 32), C.SymRTN(8, 32)),
+}
+
+# Source geometries: L=2 layers (layer 1 read), B=2, R=3 records read out of order.
+GEOMS = {
+    # S=40 with G=16: two groups, the last one 24 tokens; T=20; 2 of 3 records walked.
+    'ragged': dict(s=40, t=20, index=(2, 0, 1), num_chunks=2, blocks=(None, None)),
+    # Same data in 16x16 tiles: several query blocks, key tiles crossing group boundaries.
+    'tiles': dict(s=40, t=20, index=(2, 0, 1), num_chunks=2, blocks=(16, 16)),
+    # S=24 (one group of 24 tokens at G=16), all records in a permuted order.
+    's24': dict(s=24, t=9, index=(1, 2, 0), num_chunks=3, blocks=(None, None)),
+    'empty': dict(s=24, t=9, index=(1, 2, 0), num_chunks=0, blocks=(None, None)),
+}
+L, B, R, N, H = 2, 2, 3, 2, 64
+
+# (name, combo, geometry, q dtype): every combo on the main geometry, the rest spread around.
+CASES = [(f'{c}_ragged_{d}', c, 'ragged', d) for c in COMBOS
+         for d in (('float32', 'bfloat16') if c in ('sym4', 'kivi2')
+                   else ('bfloat16',) if c.endswith('bf16dq') or c == 'dense_bf16'
+                   else ('float32',))]
+CASES += [
+    ('kivi2_tiles_bfloat16', 'kivi2', 'tiles', 'bfloat16'),
+    ('prq42_tiles_float32', 'prq42', 'tiles', 'float32'),
+    ('mixed_sym2k_sym4v_tiles_float32', 'mixed_sym2k_sym4v', 'tiles', 'float32'),
+    ('sym2_s24_float32', 'sym2', 's24', 'float32'),
+    ('quarot4_s24_bfloat16', 'quarot4', 's24', 'bfloat16'),
+    ('kivi2_empty_float32', 'kivi2', 'empty', 'float32'),
+]
+
+
+def _normal(shape, seed):
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _bias(s: int) -> jnp.ndarray:
+  """[L, R, S]: 0 for plain tokens, log(count) for summary tokens, -inf for empty slots."""
+  bias = np.zeros((L, R, s), np.float32)
+  bias[:, :, 1] = np.log(60.0)
+  bias[:, :, 5] = np.log(25.0)
+  bias[1, 0, 2] = np.log(90.0)
+  bias[:, :, s - 2] = np.log(40.0)
+  bias[1, 2, 6:9] = -np.inf
+  bias[1, 0, s - 1] = -np.inf
+  bias[1, 1, :3] = -np.inf
+  return jnp.asarray(bias)
+
+
+@functools.lru_cache(maxsize=None)
+def _records(codec, s: int, seed: int) -> dict:
+  """Records [L, B, R, ...]: x [B, L * R, S, N, H] encoded as L * R frames of S tokens, then the
+  frame axis split into (layer, record) and the layer axis moved first."""
+  x = _normal((B, L * R, s, N, H), seed)
+  x[..., 3] *= 4.0                         # an outlier channel, as real keys have
+  rec = run_compiled(codec.encode, jnp.asarray(x))
+  return {k: jnp.moveaxis(a.reshape((B, L, R) + a.shape[2:]), 1, 0) for k, a in rec.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def make_source(combo: str, geom: str) -> Source:
+  kc, vc = COMBOS[combo]
+  g = GEOMS[geom]
+  s = g['s']
+  return Source(k=_records(kc, s, 1), v=_records(vc, s, 2), layer=jnp.int32(1),
+                index=jnp.asarray(g['index'], jnp.int32), num_chunks=jnp.int32(g['num_chunks']),
+                bias=_bias(s), kfmt=kc, vfmt=vc, chunk_tokens=s)
+
+
+@functools.lru_cache(maxsize=None)
+def make_q(geom: str, dtype: str) -> jnp.ndarray:
+  return jnp.asarray(_normal((B, GEOMS[geom]['t'], N, H), 7)).astype(dtype)
+
+
+# Interpret mode compiles the kernel to an XLA CPU program per shape; the tests' cost is that
+# compilation, which XLA's backend optimization level 0 cuts by ~40% (numerics unchanged).
+FAST_COMPILE = {'xla_backend_optimization_level': 0}
+
+
+_COMPILED = {}
+
+
+def run_compiled(fn, *args, key=None):
+  """fn(*args) through a jit compiled with FAST_COMPILE, cached by ``key`` and the args' types."""
+  leaves, tree = jax.tree.flatten(args)
+  sig = (key, tree, tuple((x.shape, jnp.dtype(x.dtype)) for x in leaves))
+  if key is None or sig not in _COMPILED:
+    compiled = jax.jit(fn).trace(*args).lower().compile(FAST_COMPILE)
+    if key is None:
+      return compiled(*args)
+    _COMPILED[sig] = compiled
+  return _COMPILED[sig](*args)
+
+
+def _walk(q, src, scale):
+  return run_compiled(lambda q, src: reference.walk(q, src, scale), q, src, key=('walk', scale))
+
+
+def per_row_rel(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  num = np.linalg.norm(a - b, axis=-1)
+  den = np.linalg.norm(b, axis=-1)
+  return float(np.max(np.where(num == 0, 0.0, num / np.maximum(den, 1e-30))))
+
+
+def lse_err(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  same_inf = np.array_equal(np.isneginf(a), np.isneginf(b))
+  if not same_inf:
+    return float('inf')
+  fin = np.isfinite(b)
+  return float(np.max(np.abs(a[fin] - b[fin]), initial=0.0))
+
+
+class PallasSourceAttentionTest(parameterized.TestCase):
+  """Kernel vs ``reference.walk``; natively on a GPU (the interpret subclass runs on CPU)."""
+  INTERPRET = False
+
+  def setUp(self):
+    super().setUp()
+    if not self.INTERPRET and jax.default_backend() != 'gpu':
+      self.skipTest('native Pallas Triton needs a GPU (see the Interpret subclass)')
+
+  def _attend(self, q, src, blocks=(None, None)):
+    def attend(q, src):
+      return pallas_gpu.source_attention(q, src, SCALE, interpret=self.INTERPRET,
+                                         block_q=blocks[0], block_k=blocks[1])
+    if self.INTERPRET:
+      return run_compiled(attend, q, src, key=('kernel', blocks))
+    return attend(q, src)
+
+  @parameterized.named_parameters(*CASES)
+  def test_matches_reference(self, combo, geom, dtype):
+    src = make_source(combo, geom)
+    self.assertIsNone(pallas_gpu.unsupported(src))
+    q = make_q(geom, dtype)
+    out, lse = self._attend(q, src, GEOMS[geom]['blocks'])
+    ref_out, ref_lse = _walk(q, src, SCALE)
+    self.assertEqual(out.shape, q.shape)
+    self.assertEqual(out.dtype, jnp.float32)
+    self.assertEqual(lse.shape, (B, N, q.shape[1]))
+    err = per_row_rel(out, ref_out)
+    tol = TOL[dtype]
+    if dtype == 'bfloat16' and GEOMS[geom]['blocks'][1] not in (None,) and (
+        GEOMS[geom]['blocks'][1] < GEOMS[geom]['s']):
+      tol = TOL_BF16_MULTI_TILE
+    self.assertLessEqual(err, tol, f'{combo}/{geom}/{dtype}: per-row rel err {err:.3g}')
+    self.assertLessEqual(lse_err(lse, ref_lse), 1e-4 if dtype == 'float32' else 2e-3)
+    if GEOMS[geom]['num_chunks'] == 0:
+      self.assertTrue(np.all(np.asarray(out) == 0))
+      self.assertTrue(np.all(np.isneginf(np.asarray(lse))))
+
+  def test_negative_controls(self):
+    """Bugs a kernel could have, simulated on the reference side, fail the same metric."""
+    combo, geom, dtype = 'kivi2', 'ragged', 'float32'
+    src, q = make_source(combo, geom), make_q(geom, dtype)
+    out, _ = self._attend(q, src)
+    self.assertLessEqual(per_row_rel(out, _walk(q, src, SCALE)[0]), TOL[dtype])
+
+    def ones_like_f16(a):
+      return jnp.full(a.shape, np.float16(1.0).view(np.uint16), a.dtype)
+
+    def zeros_like_f16(a):
+      return jnp.zeros(a.shape, a.dtype)
+
+    def remap(fields, name, fn):
+      return {k: (fn(a) if k.endswith(name) else a) for k, a in fields.items()}
+
+    bias = np.asarray(src.bias)
+    wrong = {
+        'kv_swapped': src.replace(k=src.v, v=src.k, kfmt=src.vfmt, vfmt=src.kfmt),
+        'scales_ignored': src.replace(k=remap(src.k, 'scale', ones_like_f16),
+                                      v=remap(src.v, 'scale', ones_like_f16)),
+        'zero_points_ignored': src.replace(k=remap(src.k, 'zp', zeros_like_f16),
+                                           v=remap(src.v, 'zp', zeros_like_f16)),
+        'num_chunks_plus_one': src.replace(num_chunks=src.num_chunks + 1),
+        'num_chunks_minus_one': src.replace(num_chunks=src.num_chunks - 1),
+        'summary_bias_dropped': src.replace(
+            bias=jnp.asarray(np.where(np.isfinite(bias), 0.0, bias).astype(np.float32))),
+        'wrong_layer': src.replace(layer=jnp.int32(0)),
+        'index_in_order': src.replace(index=jnp.arange(R, dtype=jnp.int32)),
+    }
+    for name, bad in wrong.items():
+      err = per_row_rel(out, _walk(q, bad, SCALE)[0])
+      self.assertGreater(err, 100 * TOL[dtype], f'negative control {name}: err {err:.3g}')
+
+  def test_residual_stage_matters(self):
+    """PRQ: dropping the residual stage is caught by the metric (the kernel sums both)."""
+    src, q = make_source('prq42', 'ragged'), make_q('ragged', 'float32')
+    out, _ = self._attend(q, src)
+    base_only = src.replace(k={**src.k, 'res_scale': jnp.zeros_like(src.k['res_scale'])},
+                            v={**src.v, 'res_scale': jnp.zeros_like(src.v['res_scale'])})
+    self.assertGreater(per_row_rel(out, _walk(q, base_only, SCALE)[0]), 100 * TOL['float32'])
+
+
+class PallasSourceAttentionInterpretTest(PallasSourceAttentionTest):
+  INTERPRET = True
+
+
+class UnsupportedTest(parameterized.TestCase):
+
+  def test_supported_sources(self):
+    for combo in COMBOS:
+      self.assertIsNone(pallas_gpu.unsupported(make_source(combo, 'ragged')), combo)
+
+  def test_reasons(self):
+    base = make_source('sym4', 's24')
+    pool = base.replace(k={'pool': jnp.zeros((L, B, 64), jnp.uint8)}, v={},
+                        pool=(('k', 'codes', (1,), jnp.dtype(jnp.uint8), 0, 1),))
+    self.assertIn('byte-pool', pallas_gpu.unsupported(pool))
+    outl = base.replace(kfmt=F.WithOutliers(F.AsymGroup()))
+    self.assertIn('WithOutliers', pallas_gpu.unsupported(outl))
+    split = base.replace(kfmt=F.Split())
+    self.assertIn('Split', pallas_gpu.unsupported(split))
+    bad_bias = base.replace(bias=jnp.zeros((L, R, 7), jnp.float32))
+    self.assertIn('bias', pallas_gpu.unsupported(bad_bias))
+    # int2 at head_dim 32: 8-channel slices are too narrow for tl.dot.
+    kc = C.SymRTN(2, 16)
+    x = jnp.asarray(_normal((B, R, 24, N, 32), 0))
+    rec = {k: a[None] for k, a in kc.encode(x).items()}
+    narrow = Source(k=rec, v=rec, layer=jnp.int32(0), index=jnp.arange(R, dtype=jnp.int32),
+                    num_chunks=jnp.int32(R), kfmt=kc, vfmt=kc, chunk_tokens=24)
+    self.assertIn('channel slice', pallas_gpu.unsupported(narrow))
+    d = C.Dense(jnp.bfloat16)
+    x96 = {'x': d.encode(jnp.asarray(_normal((B, R, 24, N, 96), 0)))['x'][None]}
+    h96 = Source(k=x96, v=x96, layer=jnp.int32(0), index=jnp.arange(R, dtype=jnp.int32),
+                 num_chunks=jnp.int32(R), kfmt=d, vfmt=d, chunk_tokens=24)
+    self.assertIn('head_dim 96', pallas_gpu.unsupported(h96))
+    with self.assertRaisesRegex(ValueError, 'WithOutliers'):
+      pallas_gpu.source_attention(make_q('s24', 'float32'), outl, SCALE, interpret=True)
+
+
+class CrossLoweringTest(parameterized.TestCase):
+  """Every variant lowers through Pallas -> Triton IR for CUDA (checked on a CPU-only machine)."""
+
+  def _lower(self, src, q, blocks=(None, None)):
+    f = jax.jit(lambda q, src: pallas_gpu.source_attention(
+        q, src, SCALE, interpret=False, block_q=blocks[0], block_k=blocks[1]))
+    return f.trace(q, src).lower(lowering_platforms=('cuda',)).as_text()
+
+  @parameterized.named_parameters(*[(c, c) for c in COMBOS])
+  def test_lowers_to_triton(self, combo):
+    src = make_source(combo, 'ragged')
+    for dtype in ('bfloat16', 'float32'):
+      text = self._lower(src, make_q('ragged', dtype))
+      self.assertIn(TRITON_CALL, text, f'{combo}/{dtype}')
+
+  def test_lowers_with_small_tiles_and_no_bias(self):
+    src = make_source('kivi2', 'tiles').replace(bias=None)
+    text = self._lower(src, make_q('tiles', 'bfloat16'), GEOMS['tiles']['blocks'])
+    self.assertIn(TRITON_CALL, text)
+
+  def test_no_cache_sized_intermediates(self):
+    """Outside the kernel nothing cache-sized is computed (only bitcast reshapes of scalars)."""
+    src, q = make_source('sym4', 'ragged'), make_q('ragged', 'bfloat16')
+    jaxpr = jax.make_jaxpr(lambda q, src: pallas_gpu.source_attention(
+        q, src, SCALE, interpret=False))(q, src)
+    calls, outside = [], []
+
+    def visit(jx):
+      for e in jx.eqns:
+        if e.primitive.name == 'pallas_call':
+          calls.append(e)
+          continue
+        subs = list(jax.extend.core.jaxprs_in_params(e.params))
+        if not subs:
+          outside.extend((e.primitive.name, v.aval) for v in e.outvars)
+        for sub in subs:
+          visit(sub)
+
+    visit(jaxpr.jaxpr)
+    self.assertLen(calls, 1)
+    for name, aval in outside:
+      # scalars (layer, num_chunks reshaped to [1]) only; never a cache- or q-sized array
+      self.assertLessEqual(int(np.prod(aval.shape)), 1, (name, aval))
+
+
+if __name__ == '__main__':
+  absltest.main()
