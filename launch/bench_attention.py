@@ -23,7 +23,6 @@ On CPU the kernels run with ``interpret=True``: the numbers only prove the scrip
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -192,14 +191,7 @@ def main(argv=None) -> dict:
              impl=args.impl, e2e_config=args.e2e_config)
   raw['kernels'] = bench_kernels(args, formats)
   raw['e2e'] = bench_e2e(args, methods) if methods else {}
-  text = markdown(raw)
-  print(text)
-  if args.out:
-    with open(args.out, 'w') as f:
-      f.write(text + '\n')
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(raw, f, indent=2, default=str)
+  bench_methods.write_outputs(markdown(raw), raw, args.out, args.json)
   return raw
 
 

@@ -185,13 +185,17 @@ def main(argv=None):
       lines.append(f'| {m} | {r["kv_bytes"]:,} | {r["ratio"]:.3f} | {r["denoise_step"]:,} | '
                    f'{r["denoise_step"] / b["denoise_step"]:.3f} | {r["context_pass"]:,} | '
                    f'{r["context_pass"] / b["context_pass"]:.3f} | {", ".join(copies) or "none"} |')
-  text = '\n'.join(lines)
+  write_outputs('\n'.join(lines), raw, args.out, args.json)
+
+
+def write_outputs(text: str, raw: dict, out: str | None, json_path: str | None) -> None:
+  """Prints the markdown tables; writes them to ``out`` and the raw numbers to ``json_path``."""
   print(text)
-  if args.out:
-    with open(args.out, 'w') as f:
+  if out:
+    with open(out, 'w') as f:
       f.write(text + '\n')
-  if args.json:
-    with open(args.json, 'w') as f:
+  if json_path:
+    with open(json_path, 'w') as f:
       json.dump(raw, f, indent=2, default=str)
 
 

@@ -105,6 +105,13 @@ def check_dequant(d: str):
     raise ValueError(f'unsupported dequant_dtype {d!r}; valid: {sorted(DEQUANT_DTYPES)}')
 
 
+def check_grouped(fmt) -> None:
+  """Validates the bits, group and dequant_dtype fields of a grouped quantizer format."""
+  packing.check_bits(fmt.bits)
+  check_group(fmt.group)
+  check_dequant(fmt.dequant_dtype)
+
+
 def _sub(rec: dict, prefix: str) -> dict:
   return {k[len(prefix):]: v for k, v in rec.items() if k.startswith(prefix)}
 
@@ -148,9 +155,7 @@ class SymGroup(Format):
   dequant_dtype: str = 'float32'
 
   def __post_init__(self):
-    packing.check_bits(self.bits)
-    check_group(self.group)
-    check_dequant(self.dequant_dtype)
+    check_grouped(self)
 
   def fields(self, b, f, p, n, h):
     return {'codes': sds((b, f, p, n, packing.packed_width(h, self.bits)), jnp.uint8),
@@ -172,9 +177,7 @@ class AsymGroup(Format):
   dequant_dtype: str = 'float32'
 
   def __post_init__(self):
-    packing.check_bits(self.bits)
-    check_group(self.group)
-    check_dequant(self.dequant_dtype)
+    check_grouped(self)
 
   def fields(self, b, f, p, n, h):
     g = num_groups(p, self.group)

@@ -1,11 +1,6 @@
 """The compiled Self-Forcing rollout with a KV-cache method (``SelfForcing``).
 
-Per block of ``block_frames`` latent frames (spec/model.md section 2.4):
-  for i, t in enumerate(timesteps):            # (1000, 937.5, 833.33, 625) after warping
-      v  = DiT(x_t, t, cache)                  # cache read-only
-      x0 = x_t - sigma(t) * v
-      if i < last: x_t = (1 - sigma(t_next)) * x0 + sigma(t_next) * eps_{block, i}   # fresh noise
-  DiT(x0, t=context_noise, cache, write)       # the context pass appends the block's clean K/V
+The block loop is described in the package docstring (``kvjax/sampler/__init__.py``).
 
 Step reuse (FLOWCACHE_NATIVE; methods with ``step_reuse_threshold`` > 0). The study's reuse
 manager is not published; kvjax reconstructs it TeaCache-style: at every denoising step after the
