@@ -2,7 +2,8 @@
 
 source.py (what attention reads: a pytree of arrays + a static format), formats.py (storage
 formats and their jnp decode), reference.py (the jnp walk: the XLA path and the kernels' spec),
-pallas_gpu.py (the fused Pallas Triton kernel), api.py (dispatch).
+pallas_gpu.py (the fused Pallas Triton kernel and its wrapper; pallas_plan.py: which sources it
+reads, pallas_decode.py: in-register reads and dequantization), api.py (dispatch).
 """
 
 from kvjax.kernels.api import IMPLS, attention, fallbacks, lowering_for_gpu, resolve_impl

@@ -8,9 +8,11 @@ log-sum-exp (``reference.attend_sources``).
 impl:
   'xla'    the chunked jnp walk (any backend).
   'pallas' the Pallas Triton kernel: native on a GPU, ``interpret=True`` elsewhere (CPU tests).
-           A source whose format the kernel does not read (``pallas_gpu.unsupported``: the
-           byte-pool mixed-format log, exact outliers) is read by the XLA walk instead, logged
-           once per format (a documented fallback, never a silently different result).
+           It reads every format the methods store (typed records and the byte-pool
+           mixed-format log, exact outliers included). A source it does not read
+           (``pallas_gpu.unsupported``: e.g. INT2 packing at head_dim < 64, head_dim not a power
+           of two) is read by the XLA walk instead, logged once per reason (a documented
+           fallback, never a silently different result).
   'auto'   'pallas' on GPU, 'xla' elsewhere.
 """
 

@@ -120,10 +120,11 @@ def test_attend_equals_materialize_plus_dense(name):
   assert m.nbytes(jax.eval_shape(lambda: m.init(SPEC))) == m.nbytes(state)
 
 
-# Formats the fused kernel does not read (read by the XLA walk, logged): exact outliers and the
-# byte-pool log of positional tiers. head_dim 64 so that INT2 channel slices are 16 wide (the
-# minimum of a Triton dot; at head_dim 32 INT2 sources fall back too).
-KERNEL_FALLBACK = {'QAQ_INT4', 'QAQ_INT2', 'TPTQ_INT2', 'AGE_TIER_INT4', 'AGE_TIER_INT2'}
+# Methods with a source the fused kernel does not read (read by the XLA walk, logged): none; it
+# reads every format, exact outliers and the byte-pool log of positional tiers included.
+# head_dim 64 so that INT2 channel slices are 16 wide (the minimum of a Triton dot; at head_dim
+# 32 INT2 sources fall back).
+KERNEL_FALLBACK = set()
 SPEC64 = dataclasses.replace(SPEC, head_dim=64)
 
 
