@@ -140,6 +140,8 @@ def main(argv=None):
   ap.add_argument('--configs', default='tiny,mid')
   ap.add_argument('--methods', default='all', help="comma list of names/aliases, or 'all'")
   ap.add_argument('--repeats', type=int, default=5)
+  ap.add_argument('--impl', default='xla', choices=('auto', 'xla', 'pallas'),
+                  help='attention implementation (pallas: the fused kernel; interpret mode on CPU)')
   ap.add_argument('--plan_config', default='wan2.1_t2v_1.3b')
   ap.add_argument('--no_plan', action='store_true')
   ap.add_argument('--out', default=None, help='write the markdown tables here too')
@@ -155,9 +157,9 @@ def main(argv=None):
   params_cache: dict = {}
   for cfg in configs:
     rows = {}
-    ref = prepare(cfg, REFERENCE, params_cache)
+    ref = prepare(cfg, REFERENCE, params_cache, args.impl)
     for m in methods:
-      rows[m] = time_against(ref, ref if m == REFERENCE else prepare(cfg, m, params_cache), args.repeats)
+      rows[m] = time_against(ref, ref if m == REFERENCE else prepare(cfg, m, params_cache, args.impl), args.repeats)
       print(f'[{cfg}] {m:45s} denoise {rows[m]["denoise_ms"]:8.2f} ms x{rows[m]["denoise_ratio"]:.2f}  '
             f'context {rows[m]["context_ms"]:8.2f} ms x{rows[m]["context_ratio"]:.2f}',
             file=sys.stderr, flush=True)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.kernels.source import Source, read_chunk
-from kvjax.numerics import cast, fwht
+from kvjax.numerics import cast, fwht, round_bf16
 
 f32 = jnp.float32
 NEG_INF = -jnp.inf
@@ -27,6 +27,17 @@ def _scores(q, k, bias, scale):
   """q [B, T, N, H], k [B, S, N, H], bias [B, S] -> [B, N, T, S] float32."""
   s = jnp.einsum('BTNH,BSNH->BNTS', q, k.astype(q.dtype), preferred_element_type=f32)
   return s * scale + bias[:, None, None, :]
+
+
+def _cpu_bf16(dtype) -> bool:
+  """True where bf16 dot operands are better run as float32 holding bf16-rounded values.
+
+  XLA CPU has no bf16 matmul: it converts bf16 operands to float32 chunk by chunk anyway. Decoding
+  a chunk straight to float32 and rounding it to bf16 precision with integer ops
+  (``numerics.round_bf16``) gives the same operand values (a bf16 x bf16 product is exact in
+  float32, so the dot is the same up to summation order) without the conversions.
+  """
+  return jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and jax.default_backend() == 'cpu'
 
 
 def walk(q: jax.Array, src: Source, scale: float):
@@ -40,18 +51,21 @@ def walk(q: jax.Array, src: Source, scale: float):
     lse: [B, N, T] float32 log-sum-exp of the logits (-inf where nothing was attended).
   """
   b, t, n, h = q.shape
+  if _cpu_bf16(q.dtype):
+    qo, read, rnd = q.astype(f32), f32, round_bf16
+  else:
+    qo, read, rnd = q, q.dtype, lambda x: cast(x, q.dtype)
 
   def body(j, carry):
     m, l, acc = carry
-    k, v, bias = read_chunk(src, j, q.dtype)
-    s = _scores(q, k, bias, scale)                             # [B, N, T, S]
+    k, v, bias = read_chunk(src, j, read)
+    s = _scores(qo, rnd(k), bias, scale)                       # [B, N, T, S]
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
     p = jnp.exp(s - m_safe[..., None])
     corr = jnp.exp(m - m_safe)
     l = l * corr + jnp.sum(p, axis=-1)
-    pv = jnp.einsum('BNTS,BSNH->BNTH', cast(p, q.dtype), v.astype(q.dtype),
-                    preferred_element_type=f32)
+    pv = jnp.einsum('BNTS,BSNH->BNTH', rnd(p), rnd(v), preferred_element_type=f32)
     acc = acc * corr[..., None] + pv
     return m_new, l, acc
 
