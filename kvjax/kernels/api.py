@@ -58,7 +58,7 @@ def resolve_impl(impl: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _log_fallback(reason: str) -> None:
-  logging.info('impl=pallas: %s is read by the XLA walk (no fused kernel for it)', reason)
+  logging.warning('impl=pallas: %s: this source is read by the XLA walk instead', reason)
 
 
 def fallbacks(sources: Sequence[Source]) -> list[str]:
