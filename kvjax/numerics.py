@@ -42,7 +42,7 @@ def storage_dtype(dtype) -> jnp.dtype:
 
   XLA CPU runs bf16/fp16 dynamic slices through float normalization: it converts the whole
   operand to float32 and loop-invariant code motion hoists that conversion out of the chunk
-  loop, so a bf16 cache would be copied whole to float32 on every call (platform.md section 8).
+  loop, so a bf16 cache would be copied whole to float32 on every call (BUILD.md, "CPU and GPU differ").
   Integer arrays are left alone, so 16-bit floats are kept as their bit patterns (same bytes)
   and chunk-sized slices are bitcast back. Other dtypes are stored as they are.
   """

@@ -320,8 +320,7 @@ def generate(s: RunSettings, *, progress: bool = True, log=print) -> dict[str, A
       reused_steps=stats.reused_steps,
       reuse_mean_rel_l1=(float(np.mean(stats.reuse_rel_l1)) if stats.reuse_rel_l1 else None),
       peak_memory_bytes=peak, impl=s.impl, impl_resolved=impl,
-      kernel_fallbacks=(sorted(set(kernels.fallbacks(s.method.sources(cache, 0, cdtype))))
-                        if impl == 'pallas' else []),
+      kernel_fallbacks=_kernel_fallbacks(s, cache, impl, cdtype),
       backend=jax.default_backend(),
       device=str(jax.devices()[0]), jax_version=jax.__version__, reference=ref_info,
       window_frames=s.spec.window_frames, sink_frames=s.spec.sink_frames,
@@ -340,6 +339,17 @@ def generate(s: RunSettings, *, progress: bool = True, log=print) -> dict[str, A
   _write_atomic(outdir, result, latents, curves, artifacts, video=video)
   result['outdir'] = outdir
   return result
+
+
+def _kernel_fallbacks(s: RunSettings, cache, impl: str, cdtype) -> list[str]:
+  """Why the Pallas kernel did not read some attention sources (the block's own K/V and the
+  cache's, layer 0: every layer has the same formats); empty unless impl resolved to pallas."""
+  if impl != 'pallas':
+    return []
+  sp = s.spec
+  own = jnp.zeros((sp.batch, sp.block_tokens, sp.num_heads, sp.head_dim), cdtype)
+  srcs = [kernels.dense_source(own, own, sp.frame_tokens), *s.method.sources(cache, 0)]
+  return sorted(set(kernels.fallbacks(srcs)))
 
 
 def _json_default(o):

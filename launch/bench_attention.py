@@ -13,9 +13,9 @@ path over the packed records. Each time is the median of ``--repeats`` samples, 
 repeating the call until it lasts >= 50 ms; TFLOP/s counts 4 * B * N * T * S * H.
 
 End-to-end table: ``launch/bench_methods.py``'s paired method/BF16 step timing with
-``impl=pallas`` at ``--e2e_config`` (random weights; no checkpoint needed), plus the device's
-peak memory per method (``memory_stats()['peak_bytes_in_use']``, reset per method by running it
-in a fresh process when ``--isolate`` is given; otherwise the running peak).
+``impl`` at ``--e2e_config`` (random weights; no checkpoint needed), plus the device's peak memory
+(``memory_stats()['peak_bytes_in_use']``) after each method: the process's running peak, so run one
+method per process (``--methods=NAME``) to read a method's own peak.
 
 On CPU the kernels run with ``interpret=True``: the numbers only prove the script works.
 """
@@ -40,7 +40,8 @@ from kvjax.cache import codecs as C  # noqa: E402
 from kvjax.kernels import pallas_gpu, reference  # noqa: E402
 from launch import bench_methods  # noqa: E402  (paired step timing, shared)
 
-# name -> (key codec, value codec): every storage format the 33 methods' sources use.
+# name -> (key codec, value codec): the typed-record formats of the methods' sources. Exact
+# outliers (QAQ, TPTQ) and the byte pool (AGE_TIER, TPTQ) are timed end to end per method.
 FORMATS = {
     'bf16': (C.Dense(jnp.bfloat16), C.Dense(jnp.bfloat16)),
     'int8': (C.SymRTN(8), C.SymRTN(8)),

@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs.self_forcing import get_config  # noqa: E402
 from kvjax import cache as kvcache  # noqa: E402
 from kvjax import checkpoint as ckpt  # noqa: E402
+from kvjax import kernels  # noqa: E402
 from kvjax import run  # noqa: E402
 from kvjax.sampler import SelfForcing  # noqa: E402
 
@@ -140,7 +141,7 @@ def main(argv=None):
   ap.add_argument('--configs', default='tiny,mid')
   ap.add_argument('--methods', default='all', help="comma list of names/aliases, or 'all'")
   ap.add_argument('--repeats', type=int, default=5)
-  ap.add_argument('--impl', default='xla', choices=('auto', 'xla', 'pallas'),
+  ap.add_argument('--impl', default='xla', choices=kernels.IMPLS,
                   help='attention implementation (pallas: the fused kernel; interpret mode on CPU)')
   ap.add_argument('--plan_config', default='wan2.1_t2v_1.3b')
   ap.add_argument('--no_plan', action='store_true')

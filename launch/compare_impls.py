@@ -40,11 +40,11 @@ def compare(method: str, args, workdir: str) -> dict:
                     num_latent_frames=args.frames, window_frames=args.window,
                     sink_frames=args.sink, compute_dtype=args.compute_dtype)
     res = run.generate(s, progress=False)
+    bf = s.sampler_cfg.block_frames
     lat[impl] = np.load(os.path.join(out, 'latents.npy')).astype(np.float64)
     if impl == 'pallas':
       fallbacks = res['kernel_fallbacks']
   d = lat['pallas'] - lat['xla']
-  bf = 3
   per_block = [float(np.linalg.norm(d[:, i:i + bf]) / np.linalg.norm(lat['xla'][:, i:i + bf]))
                for i in range(0, d.shape[1], bf)]
   return dict(rel_l2=float(np.linalg.norm(d) / np.linalg.norm(lat['xla'])), per_block=per_block,

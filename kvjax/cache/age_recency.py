@@ -27,8 +27,8 @@ class AgeTierByAge(FlowCache):
   name = AGE_TIER_BY_AGE
   aliases = ('age_tier_by_age', 'agetier_by_age', 'age_recency')
   family = 'AGE_TIER'
-  description = ("AGE_TIER with recency='age': the newest 30% of the window's chunks RTN INT4, "
-                 'older ones re-encoded to ternary RTN INT2 as they age')
+  description = ("AGE_TIER with recency='age': the newest recent_ratio of the window's chunks in "
+                 'RTN recent_bits, older ones re-encoded to RTN bits as they age')
   in_study = False
   kind: str = 'hybrid'
   bits: int = 2

@@ -122,11 +122,6 @@ def frame_slot(frame, spec: CacheSpec):
                    spec.sink_frames + (frame - spec.sink_frames) % rolling)
 
 
-def valid_frames(frames_written, spec: CacheSpec):
-  """Number of valid (filled) slots; they are always the prefix of the slot axis."""
-  return jnp.minimum(frames_written, spec.capacity_frames)
-
-
 def tree_nbytes(tree) -> int:
   """Sum of the bytes of every array (or ShapeDtypeStruct) leaf of a pytree."""
   return int(sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
@@ -205,11 +200,10 @@ class CacheMethod:
     """
     raise NotImplementedError
 
-  def sources(self, state, layer, dtype) -> list[kernels.Source]:
+  def sources(self, state, layer) -> list[kernels.Source]:
     """What attention reads of the layer's history: kernel sources (``kvjax/kernels/source.py``),
-    a pytree of record arrays each plus its static format; an empty list when nothing is stored.
-
-    ``dtype`` is the compute dtype the chunks are decoded to.
+    each a pytree of record arrays plus their static formats; an empty list when nothing is
+    stored. (Readers decode chunks to the query's dtype.)
     """
     raise NotImplementedError
 
@@ -219,7 +213,7 @@ class CacheMethod:
     The model does not call this: it passes ``sources`` together with the block's own K/V to
     ``kernels.attention`` (one dispatch, one log-sum-exp merge).
     """
-    return kernels.attention(q, self.sources(state, layer, q.dtype), impl=impl)
+    return kernels.attention(q, self.sources(state, layer), impl=impl)
 
   def materialize(self, state, layer):
     """Reference/debug only: what attention sees, expanded (every source, un-rotated).
@@ -227,7 +221,7 @@ class CacheMethod:
     Returns:
       k, v: [B, S, N, H] float32, bias: [B, S] float32 (-inf for empty slots).
     """
-    parts = [kernels.materialize_source(src) for src in self.sources(state, layer, jnp.float32)]
+    parts = [kernels.materialize_source(src) for src in self.sources(state, layer)]
     if not parts:
       spec = state.spec
       z = jnp.zeros((spec.batch, 0, spec.num_heads, spec.head_dim), jnp.float32)

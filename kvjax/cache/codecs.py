@@ -9,7 +9,7 @@ builds chunk-sized float arrays. Each codec is its format (it subclasses it), so
 read what a codec wrote knowing only the format.
 
 ``rotated`` codecs (QuaRot) decode into the Hadamard basis; attention then rotates the query and
-the output instead of un-rotating keys and values (DESIGN: keep the cache rotated).
+the output instead of un-rotating keys and values (the cache stays rotated).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from kvjax.cache import quant
 from kvjax.kernels import formats as F
 from kvjax.kernels import packing
-from kvjax.numerics import to_storage
+from kvjax.numerics import fwht, to_storage
 
 f32 = jnp.float32
 F16 = F.F16
@@ -106,7 +106,7 @@ class Rotated(F.Rotated, Codec):
   inner: Codec = SymRTN()
 
   def encode(self, x, aux=None):
-    return self.inner.encode(quant.fwht(x), aux)
+    return self.inner.encode(fwht(x), aux)
 
 
 @dataclasses.dataclass(frozen=True)

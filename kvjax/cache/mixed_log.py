@@ -172,7 +172,7 @@ class MixedLogMethod(CacheMethod):
         state = self._encode_frame(state, layer, info.start_frame + i, xk[:, i:i + 1], xv[:, i:i + 1])
     return state.replace(frames=state.frames.at[layer].set(info.start_frame + bf))
 
-  def sources(self, state: LogState, layer, dtype):
+  def sources(self, state: LogState, layer):
     """One byte-pool source per tier: chunk j of tier t is the j-th visible frame of that tier
     (sink frames, then the rolling window), read at its planned byte offset."""
     spec = state.spec

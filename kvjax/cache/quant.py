@@ -15,9 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kvjax.kernels.formats import (asym_dequant, dequant_math, expand_groups, group_sizes,  # noqa: F401
-                                   num_groups, sym_dequant, sym_qmax)  # (decode side, re-exported)
-from kvjax.numerics import cast, fwht, hadamard_matrix, round_bf16  # noqa: F401  (re-exported)
+from kvjax.kernels.formats import expand_groups, group_sizes, num_groups, sym_qmax  # noqa: F401
 
 f32 = jnp.float32
 

@@ -112,7 +112,7 @@ def get(name: str, **overrides: Any) -> CacheMethod:
   """Builds the method ``name`` with parameter ``overrides``; unknown parameters raise.
 
   Construction goes through the class's ``build`` hook (``CacheMethod.build``), so a parameter
-  may select another class (``get('AGE_TIER_INT2', recency='age')`` is an ``AgeRecency``).
+  may select another class (``get('AGE_TIER_INT2', recency='age')`` is an ``AgeTierByAge``, ``age_recency.py``).
   """
   cls = _METHODS[canonical(name).upper()]
   fields = {f.name for f in dataclasses.fields(cls)}

@@ -25,9 +25,9 @@ from flax import struct
 
 from kvjax import kernels
 from kvjax.cache import codecs as C
-from kvjax.cache import quant
 from kvjax.cache.base import AppendInfo, CacheMethod, CacheSpec
-from kvjax.numerics import from_storage, storage_dtype, to_storage
+from kvjax.kernels.source import frame_at, record_at
+from kvjax.numerics import from_storage, fwht, storage_dtype, to_storage
 
 f32 = jnp.float32
 
@@ -49,21 +49,10 @@ def ring_slot(frame, capacity: int, sink: int):
   return jnp.where(frame < sink, frame, sink + (frame - sink) % rolling)
 
 
-def _slice_frame(arr, layer, slot):
-  """arr [L, B, C, ...] -> [B, 1, ...] at (layer, :, slot)."""
-  start = (layer, 0, slot) + (0,) * (arr.ndim - 3)
-  size = (1, arr.shape[1], 1) + arr.shape[3:]
-  return jax.lax.dynamic_slice(arr, start, size)[0]
-
-
 def _write_frame(arr, layer, slot, val):
   """Writes val [B, 1, ...] into arr [L, B, C, ...] at (layer, :, slot)."""
   start = (layer, 0, slot) + (0,) * (arr.ndim - 3)
   return jax.lax.dynamic_update_slice(arr, val[None].astype(arr.dtype), start)
-
-
-def read_record(fields: dict, layer, slot) -> dict:
-  return {k: _slice_frame(a, layer, slot) for k, a in fields.items()}
 
 
 def write_record(fields: dict, layer, slot, rec: dict) -> dict:
@@ -193,9 +182,9 @@ class FrameRingMethod(CacheMethod):
       # The oldest block of the exact window moves to the quantized ring (encoded once).
       out = s - r
       slots = [(out + i) % r for i in range(bf)]
-      old_k = jnp.concatenate([from_storage(_slice_frame(state.recent_k, layer, sl), spec.dtype)
+      old_k = jnp.concatenate([from_storage(frame_at(state.recent_k, layer, sl), spec.dtype)
                                for sl in slots], axis=1).astype(k.dtype)
-      old_v = jnp.concatenate([from_storage(_slice_frame(state.recent_v, layer, sl), spec.dtype)
+      old_v = jnp.concatenate([from_storage(frame_at(state.recent_v, layer, sl), spec.dtype)
                                for sl in slots], axis=1).astype(v.dtype)
       state = jax.lax.cond(out >= 0,
                            lambda st: self._encode_into_ring(st, layer, old_k, old_v, out),
@@ -208,7 +197,7 @@ class FrameRingMethod(CacheMethod):
       state = state.replace(recent_k=rk, recent_v=rv)
     return state.replace(frames=state.frames.at[layer].set(s + bf))
 
-  def sources(self, state: RingState, layer, dtype):
+  def sources(self, state: RingState, layer):
     spec = state.spec
     r, cq = self._geometry(spec)
     kc, vc = self.codecs(spec)
@@ -234,10 +223,10 @@ class FrameRingMethod(CacheMethod):
       n_q, _ = self._counts(st, layer)
 
       def per_slot(j, st):
-        kx = kc.decode(read_record(st.k, layer, j), spec.dtype)
-        vx = vc.decode(read_record(st.v, layer, j), spec.dtype)
+        kx = kc.decode(record_at(st.k, layer, j), spec.dtype)
+        vx = vc.decode(record_at(st.v, layer, j), spec.dtype)
         if kc.rotated:
-          kx, vx = quant.fwht(kx), quant.fwht(vx)
+          kx, vx = fwht(kx), fwht(vx)
         aux_k, aux_v, _ = self.encode_aux(st, layer, kx, vx, None)
         return st.replace(k=write_record(st.k, layer, j, kc.encode(kx, aux_k)),
                           v=write_record(st.v, layer, j, vc.encode(vx, aux_v)))

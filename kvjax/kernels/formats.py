@@ -14,7 +14,8 @@ Layouts (x: [B, F, P, N, H], G = group size):
   AsymGroup    codes, scale as SymGroup, plus zp [B, F, nG, N, H] fp16 bits (KIVI keys)
   AsymToken    codes; scale, zp [B, F, P] fp16 bits: one pair per token over N x H (KIVI values)
   Residual     base_* and res_* SymGroup records; value = base + residual (PRQ)
-  WithOutliers inner record + out_idx [B, F, cap] int32 flat index into P*N*H (cap = no slot),
+  WithOutliers inner record + out_idx [B, F, cap] int32 flat index into P*N*H (an index outside
+               [0, P*N*H) is an unused slot; the codec writes P*N*H),
                out_val [B, F, cap] fp16 bits, dropped [B, F] int32 (QAQ, TPTQ keys)
   Rotated      inner record of the Hadamard-rotated tensor; decodes *in the rotated basis*
   Split        fg_* record of the first ``n_fg`` tokens, bg_* of the rest (spatial methods)
@@ -323,8 +324,8 @@ class Split(Format):
   def decode(self, rec, dtype, rotated: bool | None = None):
     """Foreground then background tokens in the format's basis (``rotated``; or the one asked for).
 
-    A part is transformed only where its basis differs, so reading a QuaRot foreground in the
-    rotated basis costs no transform: only the smaller plain background is rotated.
+    Used to re-encode records (``refresh``) and by tests; attention reads the two parts as two
+    sources, each in its own basis, and never transforms a part.
     """
     rotated = self.rotated if rotated is None else rotated
     xs = []

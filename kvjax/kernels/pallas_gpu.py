@@ -173,7 +173,7 @@ def _outlier_fields(src: Source, tensor: str, plan: Plan):
     rec = jnp.clip(src.index, 0, oi.shape[2] - 1)                 # [M]
     return oi[layer, :, rec], ov[layer, :, rec]                   # [M, B, cap]
   data = src.k['pool']
-  size = sum(int(entry[5]) for entry in src.pool)
+  size = src.pool_record_bytes
   layer = jnp.clip(src.layer, 0, data.shape[0] - 1)
   off = jnp.clip(src.index, 0, data.shape[2] - size)              # [M]
   out = []
@@ -267,7 +267,7 @@ def _source_attention(q, src, *, scale, interpret, block_q, block_k, num_warps, 
     inputs.append(src.bias)
   if src.pool is not None:
     knames, vnames = (), ()
-    record_bytes = sum(int(entry[5]) for entry in src.pool)
+    record_bytes = src.pool_record_bytes
     pool_max_offset = int(lead[2]) - record_bytes
     inputs.append(src.k['pool'])
   else:

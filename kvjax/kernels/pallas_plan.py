@@ -161,7 +161,7 @@ def _pool_layout(src: Source) -> tuple[dict, dict, int] | str:
     return f'pool {jnp.dtype(data.dtype).name}{list(data.shape)} is not uint8 [L, B, bytes]'
   out = {'k': {}, 'v': {}}
   try:
-    size = sum(int(entry[5]) for entry in src.pool)
+    size = src.pool_record_bytes
     for tensor, name, shape, dt, off, nb in src.pool:
       dt, shape = jnp.dtype(dt), tuple(int(x) for x in shape)
       if tensor not in out or name in out[tensor]:

@@ -54,6 +54,11 @@ class Source:
     return self.kfmt.rotated
 
   @property
+  def pool_record_bytes(self) -> int:
+    """Bytes of one record of a byte-pool source (its fields back to back)."""
+    return int(sum(entry[5] for entry in self.pool))
+
+  @property
   def max_chunks(self) -> int:
     return int(self.index.shape[0])
 
@@ -80,21 +85,23 @@ def dense_source(k: jax.Array, v: jax.Array, chunk_tokens: int) -> Source:
                 vfmt=fmt, chunk_tokens=chunk_tokens)
 
 
-def _record(fields: dict, layer, rec) -> dict:
+def frame_at(a: jax.Array, layer, rec) -> jax.Array:
+  """a [L, B, R, ...] -> [B, 1, ...] at (layer, :, rec)."""
+  start = (layer, 0, rec) + (0,) * (a.ndim - 3)
+  size = (1, a.shape[1], 1) + a.shape[3:]
+  return jax.lax.dynamic_slice(a, start, size)[0]
+
+
+def record_at(fields: dict, layer, rec) -> dict:
   """fields [L, B, R, ...] -> the record at (layer, :, rec) with its frame axis: [B, 1, ...]."""
-  out = {}
-  for name, a in fields.items():
-    start = (layer, 0, rec) + (0,) * (a.ndim - 3)
-    size = (1, a.shape[1], 1) + a.shape[3:]
-    out[name] = jax.lax.dynamic_slice(a, start, size)[0]
-  return out
+  return {name: frame_at(a, layer, rec) for name, a in fields.items()}
 
 
 def _pool_record(src: Source, off) -> tuple[dict, dict]:
   """The k and v records serialized at byte offset ``off`` of a byte-pool source."""
   data = src.k['pool']
   b = data.shape[1]
-  size = sum(entry[5] for entry in src.pool)
+  size = src.pool_record_bytes
   raw = jax.lax.dynamic_slice(data, (src.layer, 0, off), (1, b, size))[0]
   rec = {'k': {}, 'v': {}}
   for tensor, name, shape, dt, o, nb in src.pool:
@@ -110,7 +117,7 @@ def read_records(src: Source, j) -> tuple[dict, dict]:
   rec = src.index[j]
   if src.pool is not None:
     return _pool_record(src, rec)
-  return _record(src.k, src.layer, rec), _record(src.v, src.layer, rec)
+  return record_at(src.k, src.layer, rec), record_at(src.v, src.layer, rec)
 
 
 def chunk_bias(src: Source, j, batch: int) -> jax.Array:

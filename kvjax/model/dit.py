@@ -259,7 +259,7 @@ class WanDiT(nnx.Module):
 
       def attn(q, k, v):
         own = kernels.dense_source(k, v, p)
-        hist = [] if method is None else method.sources(state, layer, q.dtype)
+        hist = [] if method is None else method.sources(state, layer)
         return kernels.attention(q, [own, *hist], impl=impl)[0]
       return attn
 

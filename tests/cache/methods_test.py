@@ -19,7 +19,7 @@ from kvjax import kernels
 from kvjax.cache import AppendInfo, CacheSpec
 from kvjax.cache import flowcache as fc
 from kvjax.kernels import dense_attention
-from kvjax.cache.ring import read_record
+from kvjax.kernels.source import record_at
 
 SPEC = CacheSpec(batch=1, num_layers=2, num_heads=2, head_dim=32, frame_tokens=40, block_frames=3,
                  window_frames=10, sink_frames=1, dtype=jnp.float32, total_frames=18)
@@ -135,7 +135,7 @@ def test_pallas_equals_xla(name):
   kernel reads are exactly those outside the documented fallback list."""
   m = kvcache.get(name)
   rng = np.random.default_rng(7)
-  srcs = jax.jit(lambda s: m.sources(s, jnp.int32(1), jnp.float32))
+  srcs = jax.jit(lambda s: m.sources(s, jnp.int32(1)))
   xla = jax.jit(lambda s, q: m.attend(s, jnp.int32(1), q, 'xla'))
   pallas = jax.jit(lambda s, q: m.attend(s, jnp.int32(1), q, 'pallas'))
 
@@ -313,20 +313,21 @@ def test_nan_input_propagation_is_documented(name):
 
 
 def test_spatial_quarot_read_in_rotated_basis_equals_plain_decode():
-  """The QuaRot-foreground spatial store is attended in the Hadamard basis (background rotated,
-  query rotated); that equals attention over every slot decoded in the plain basis."""
+  """The QuaRot-foreground spatial store is read as a rotated foreground source (query rotated,
+  output rotated back) and a plain background source; that equals attention over every slot
+  decoded in the plain basis."""
   name = 'SPATIAL_MIXED_FG_QUAROT_KV_INT4_BG_RTN_INT2'
   m = kvcache.get(name)
   state = _final_state(name)
   kc, vc = m.codecs(SPEC)
   slots = SPEC.capacity_frames
-  k = jnp.concatenate([kc.decode(read_record(state.k, 1, j), jnp.float32, rotated=False)[:, 0]
+  k = jnp.concatenate([kc.decode(record_at(state.k, 1, j), jnp.float32, rotated=False)[:, 0]
                        for j in range(slots)], axis=1)
-  v = jnp.concatenate([vc.decode(read_record(state.v, 1, j), jnp.float32, rotated=False)[:, 0]
+  v = jnp.concatenate([vc.decode(record_at(state.v, 1, j), jnp.float32, rotated=False)[:, 0]
                        for j in range(slots)], axis=1)
   q = jnp.asarray(np.random.default_rng(5).standard_normal((1, 7, 2, 32)).astype(np.float32))
   out = m.attend(state, jnp.int32(1), q, 'xla')[0]
   assert _per_row_rel(out, dense_attention(q, k, v)) <= 1e-5
-  k_rot = jnp.concatenate([kc.decode(read_record(state.k, 1, j), jnp.float32)[:, 0]
+  k_rot = jnp.concatenate([kc.decode(record_at(state.k, 1, j), jnp.float32)[:, 0]
                            for j in range(slots)], axis=1)
   assert _per_row_rel(dense_attention(q, k_rot, v), dense_attention(q, k, v)) > 1e-2  # control

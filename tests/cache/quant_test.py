@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvjax.cache import codecs as C
+from kvjax import numerics
 from kvjax.cache import quant
 from kvjax.kernels import packing
 
@@ -106,12 +107,12 @@ def test_asym_bound_on_zero_crossing_groups():
 
 def test_fwht_is_the_normalized_hadamard_and_involutory():
   x = _x((3, 128), 4)
-  h = quant.hadamard_matrix(128)
-  np.testing.assert_allclose(np.asarray(quant.fwht(x, jnp.float32)), np.asarray(x) @ h, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(quant.fwht(quant.fwht(x, jnp.float32), jnp.float32)),
+  h = numerics.hadamard_matrix(128)
+  np.testing.assert_allclose(np.asarray(numerics.fwht(x, jnp.float32)), np.asarray(x) @ h, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(numerics.fwht(numerics.fwht(x, jnp.float32), jnp.float32)),
                              np.asarray(x), atol=1e-5)
   with pytest.raises(ValueError, match='power of two'):
-    quant.fwht(jnp.ones((2, 96)))
+    numerics.fwht(jnp.ones((2, 96)))
 
 
 def test_prq_residual_beats_base():
@@ -159,13 +160,13 @@ def test_integer_bf16_rounding_equals_astype():
   ties = (np.arange(1, 1000, dtype=np.uint32) << 16 | 0x8000).view(np.float32)  # exact halfway
   x = jnp.asarray(np.concatenate([x, ties, -ties, np.float32([0.0, -0.0, 1e-40, -1e-40])]))
   want = x.astype(jnp.bfloat16)
-  np.testing.assert_array_equal(np.asarray(quant.round_bf16(x)), np.asarray(want.astype(jnp.float32)))
-  got = quant.cast(x, jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(numerics.round_bf16(x)), np.asarray(want.astype(jnp.float32)))
+  got = numerics.cast(x, jnp.bfloat16)
   assert got.dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.asarray(got.view(jnp.uint16)), np.asarray(want.view(jnp.uint16)))
   nans = np.uint32([0x7F800001, 0xFF800001, 0x7FC00000, 0xFFC00000, 0x7F80FFFF]).view(np.float32)
-  assert np.all(np.isnan(np.asarray(quant.round_bf16(jnp.asarray(nans)))))
-  assert np.all(np.isnan(np.asarray(quant.cast(jnp.asarray(nans), jnp.bfloat16), np.float32)))
+  assert np.all(np.isnan(np.asarray(numerics.round_bf16(jnp.asarray(nans)))))
+  assert np.all(np.isnan(np.asarray(numerics.cast(jnp.asarray(nans), jnp.bfloat16), np.float32)))
   truncated = jax.lax.bitcast_convert_type(
       jax.lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFF0000), jnp.float32)
   assert np.any(np.asarray(truncated) != np.asarray(want.astype(jnp.float32)))   # control

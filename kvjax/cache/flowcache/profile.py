@@ -86,8 +86,8 @@ class FlowCacheProfile(CacheMethod):
         delta_sum=st.delta_sum.at[layer].add(jnp.where(cnt > 0, mean_old, 0.0)),
         events=st.events.at[layer].add(jnp.where(cnt > 0, 1.0, 0.0)))
 
-  def sources(self, state, layer, dtype):
-    return BF16().sources(state.ring, layer, dtype)
+  def sources(self, state, layer):
+    return BF16().sources(state.ring, layer)
 
   @staticmethod
   def budget_table(state) -> dict:

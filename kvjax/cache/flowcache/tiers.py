@@ -51,7 +51,8 @@ from kvjax import kernels
 from kvjax.cache import codecs as C
 from kvjax.cache.base import AppendInfo, CacheMethod, CacheSpec, frame_slot
 from kvjax.cache.flowcache.plan import chunk_deltas, frame_summary, layer_budgets, plan_counts
-from kvjax.cache.ring import read_record, write_record
+from kvjax.cache.ring import write_record
+from kvjax.kernels.source import record_at
 from kvjax.kernels import packing
 from kvjax.numerics import storage_dtype, to_storage
 
@@ -199,8 +200,8 @@ class FlowCache(CacheMethod):
   def _decode(self, st, which, g, dtype):
     codec = self.codecs()[0 if which == A else 1]
     fields, _ = self._store(st, which)
-    k = codec.decode(read_record(fields['k'], 0, g), dtype)
-    v = codec.decode(read_record(fields['v'], 0, g), dtype)
+    k = codec.decode(record_at(fields['k'], 0, g), dtype)
+    v = codec.decode(record_at(fields['v'], 0, g), dtype)
     return k, v                                                    # [B, 1, P, N, H]
 
   def _put(self, st, which, layer, pos, xk, xv, g=None):
@@ -368,7 +369,7 @@ class FlowCache(CacheMethod):
           lambda st: self._prune(st, layer, pos, fk.astype(f32), fv.astype(f32))], st)
     return st.replace(frames=st.frames.at[layer].set(s + bf))
 
-  def sources(self, state: FlowState, layer, dtype):
+  def sources(self, state: FlowState, layer):
     spec = state.spec
     if spec.capacity_frames == 0:
       return []
@@ -391,7 +392,7 @@ class FlowCache(CacheMethod):
     """Every stored frame decoded, and every pruned chunk expanded to its ``count`` tokens."""
     p = state.spec.frame_tokens
     ks, vs, bs = [], [], []
-    for src in self.sources(state, layer, f32):
+    for src in self.sources(state, layer):
       k, v, bias = kernels.materialize_source(src)
       if src.bias is not None:                      # the summary: a token stands for p tokens
         k, v = jnp.repeat(k, p, axis=1), jnp.repeat(v, p, axis=1)
