@@ -109,7 +109,6 @@ def resolve(config: ml_collections.ConfigDict, *, method: str = 'bf16',
   m = kvcache.get(method, **kvcache.parse_overrides(method, method_args))
   if impl not in kernels.IMPLS:
     raise ValueError(f'unknown --impl {impl!r}; valid: {list(kernels.IMPLS)}')
-  kernels.resolve_impl(impl)
   if reference not in REFERENCES:
     raise ValueError(f'unknown --reference {reference!r}; valid: {list(REFERENCES)}')
   if reference == 'torch':

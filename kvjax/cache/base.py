@@ -221,12 +221,19 @@ class CacheMethod:
     Returns:
       k, v: [B, S, N, H] float32, bias: [B, S] float32 (-inf for empty slots).
     """
-    parts = [kernels.materialize_source(src) for src in self.sources(state, layer)]
+    parts = [self.expand_source(src, state.spec) for src in self.sources(state, layer)]
     if not parts:
       spec = state.spec
       z = jnp.zeros((spec.batch, 0, spec.num_heads, spec.head_dim), jnp.float32)
       return z, z, jnp.zeros((spec.batch, 0), jnp.float32)
     return tuple(jnp.concatenate(x, 1) for x in zip(*parts))
+
+  def expand_source(self, src: kernels.Source, spec: CacheSpec):
+    """``materialize`` of one source: its chunks decoded (k, v [B, S, N, H], bias [B, S]).
+
+    A method whose source tokens stand for several tokens (FlowCache's summaries) expands them.
+    """
+    return kernels.materialize_source(src)
 
   def nbytes(self, state) -> int:
     """Bytes of every array of the state (realized storage, never a formula)."""

@@ -331,3 +331,17 @@ def test_spatial_quarot_read_in_rotated_basis_equals_plain_decode():
   k_rot = jnp.concatenate([kc.decode(record_at(state.k, 1, j), jnp.float32)[:, 0]
                            for j in range(slots)], axis=1)
   assert _per_row_rel(dense_attention(q, k_rot, v), dense_attention(q, k, v)) > 1e-2  # control
+
+
+@pytest.mark.parametrize('name', ['RTN_INT4', 'AGE_TIER_INT2', 'FLOWCACHE_SOFT_PRUNE_INT4'])
+def test_no_history_reads_nothing(name):
+  """window == block: no cache capacity; every engine has no source, attention over it is empty
+  (out 0, lse -inf) and materialize is empty (FlowCache's summary expansion included)."""
+  spec = dataclasses.replace(SPEC, window_frames=3, sink_frames=0)
+  m = kvcache.get(name)
+  state = m.init(spec)
+  assert m.sources(state, 0) == []
+  k, v, bias = m.materialize(state, 0)
+  assert k.shape == (1, 0, 2, 32) and bias.shape == (1, 0)
+  out, lse = m.attend(state, 0, jnp.ones((1, 5, 2, 32), jnp.float32), 'xla')
+  assert np.all(np.asarray(out) == 0) and np.all(np.isneginf(np.asarray(lse)))

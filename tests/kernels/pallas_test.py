@@ -108,14 +108,18 @@ def _records(codec, s: int, seed: int) -> dict:
   return {k: jnp.moveaxis(a.reshape((B, L, R) + a.shape[2:]), 1, 0) for k, a in rec.items()}
 
 
-@functools.lru_cache(maxsize=None)
-def make_source(combo: str, geom: str) -> Source:
-  kc, vc = COMBOS[combo]
+def _source(kc, vc, geom: str, records, seeds) -> Source:
+  """Layer 1 of 2, records read through the geometry's index, with the test bias."""
   g = GEOMS[geom]
   s = g['s']
-  return Source(k=_records(kc, s, 1), v=_records(vc, s, 2), layer=jnp.int32(1),
+  return Source(k=records(kc, s, seeds[0]), v=records(vc, s, seeds[1]), layer=jnp.int32(1),
                 index=jnp.asarray(g['index'], jnp.int32), num_chunks=jnp.int32(g['num_chunks']),
                 bias=_bias(s), kfmt=kc, vfmt=vc, chunk_tokens=s)
+
+
+@functools.lru_cache(maxsize=None)
+def make_source(combo: str, geom: str) -> Source:
+  return _source(*COMBOS[combo], geom, _records, (1, 2))
 
 
 @functools.lru_cache(maxsize=None)
@@ -185,12 +189,7 @@ OUTLIER_COMBOS = {
 
 @functools.lru_cache(maxsize=None)
 def make_outlier_source(combo: str, geom: str) -> Source:
-  kc, vc = OUTLIER_COMBOS[combo]
-  g = GEOMS[geom]
-  s = g['s']
-  return Source(k=_tier_records(kc, s, 3), v=_tier_records(vc, s, 4), layer=jnp.int32(1),
-                index=jnp.asarray(g['index'], jnp.int32), num_chunks=jnp.int32(g['num_chunks']),
-                bias=_bias(s), kfmt=kc, vfmt=vc, chunk_tokens=s)
+  return _source(*OUTLIER_COMBOS[combo], geom, _tier_records, (3, 4))
 
 
 

@@ -388,19 +388,14 @@ class FlowCache(CacheMethod):
                                 masked=(self.kind == 'prune' and self.prune_mode == 'mask')))
     return out
 
-  def materialize(self, state: FlowState, layer):
-    """Every stored frame decoded, and every pruned chunk expanded to its ``count`` tokens."""
-    p = state.spec.frame_tokens
-    ks, vs, bs = [], [], []
-    for src in self.sources(state, layer):
-      k, v, bias = kernels.materialize_source(src)
-      if src.bias is not None:                      # the summary: a token stands for p tokens
-        k, v = jnp.repeat(k, p, axis=1), jnp.repeat(v, p, axis=1)
-        bias = jnp.repeat(jnp.where(jnp.isfinite(bias), 0.0, -jnp.inf), p, axis=1)
-      ks.append(k)
-      vs.append(v)
-      bs.append(bias)
-    return jnp.concatenate(ks, 1), jnp.concatenate(vs, 1), jnp.concatenate(bs, 1)
+  def expand_source(self, src, spec: CacheSpec):
+    """Stored frames decoded; a pruned chunk's summary token expanded to its ``count`` tokens."""
+    k, v, bias = kernels.materialize_source(src)
+    if src.bias is None:
+      return k, v, bias
+    p = spec.frame_tokens                             # the summary: a token stands for p tokens
+    return (jnp.repeat(k, p, axis=1), jnp.repeat(v, p, axis=1),
+            jnp.repeat(jnp.where(jnp.isfinite(bias), 0.0, -jnp.inf), p, axis=1))
 
 
 @functools.lru_cache(maxsize=64)
