@@ -57,13 +57,22 @@ FLAGS = flags.FLAGS
 
 
 def list_methods() -> str:
+  """The study's methods (table order), then the methods beyond the study."""
   from kvjax import cache
-  lines = []
-  for row in cache.describe():
-    params = ', '.join(f'{k}={v}' for k, v in row['params'].items()) or '-'
-    lines.append(f"{row['name']:<48} aliases: {', '.join(row['aliases']) or '-'}\n"
+  rows = cache.describe()
+  out = []
+  titles = {'study': f"The study's {len(cache.PAPER_NAMES)} methods (table order)",
+            'extra': "The study's profiling pass and kvjax's fixes",
+            'beyond': 'Beyond the study'}
+  for group, title in titles.items():
+    out.append(f'== {title} ==')
+    for row in rows:
+      if row['group'] != group:
+        continue
+      params = ', '.join(f'{k}={v}' for k, v in row['params'].items()) or '-'
+      out.append(f"{row['name']:<48} aliases: {', '.join(row['aliases']) or '-'}\n"
                  f"    family {row['family']}; params: {params}\n    {row['description']}")
-  return '\n'.join(lines)
+  return '\n'.join(out)
 
 
 def main(argv):

@@ -28,6 +28,7 @@ from kvjax import kernels
 from kvjax import metrics
 from kvjax import wan_dir as wan_io
 from kvjax.cache.base import CacheMethod, CacheSpec
+from kvjax.kernels.rope import RopeGrid
 from kvjax.model import WanConfig, count_params
 from kvjax.sampler import Noise, SamplerConfig, SelfForcing, load_noise, make_noise, noise_shapes
 
@@ -188,7 +189,9 @@ def resolve(config: ml_collections.ConfigDict, *, method: str = 'bf16',
                    head_dim=model_cfg.head_dim,
                    frame_tokens=(height // ph) * (width // pw), block_frames=bf,
                    window_frames=window, sink_frames=sink, dtype=model_cfg.cdtype,
-                   total_frames=frames)
+                   total_frames=frames,
+                   rope=RopeGrid(model_cfg.head_dim, height // ph, width // pw,
+                                 model_cfg.rope_max_frames, model_cfg.rope_theta))
   config.video.num_latent_frames = frames
   config.video.batch_size = batch
   config.video.latent_height, config.video.latent_width = height, width
@@ -232,6 +235,7 @@ def plan(s: RunSettings) -> dict[str, Any]:
       sink_frames=s.spec.sink_frames, cache_capacity_frames=s.spec.capacity_frames,
       bf16_kv_cache_bytes=s.spec.bf16_bytes(), kv_cache_bytes=kv,
       compression_ratio=s.spec.bf16_bytes() / kv if kv else None,
+      storage=s.method.storage(cache_abs),
       **steps, compile_s=round(compile_s, 3))
 
 

@@ -51,3 +51,31 @@ def test_method_runs_and_reports_realized_compression(name, tmp_path):
                                    s.spec.block_frames, s.spec.num_heads)
     assert bad == [], bad
   del res
+
+
+@pytest.mark.parametrize('name,args,frames,window,sink,heads', [
+    ('QVG_INT2', 'span_frames=1,centroids=8', 12, 10, 1, 2),        # a span a frame, eviction, sink
+    ('QVG_INT4', 'span_frames=6,centroids=8,rope=post', 15, 15, 0, 1),  # 2 spans + BF16 tail, post-RoPE
+])
+def test_qvg_runs_on_packed_storage(name, args, frames, window, sink, heads, tmp_path):
+  """QVG (beyond the study) through the launcher: realized bytes, fidelity, and the compiled
+  steps' audit (no float copy of the frame store). The audit needs two span slots or more (one
+  span being encoded is a float array of a span) and, with 6-frame spans, one head (else the
+  k-means input, heads x span tokens, has the extent of the 12-frame store by chance)."""
+  cfg = get_config('tiny')
+  cfg.video.latent_width = 10
+  cfg.model.num_heads = heads
+  s = run.resolve(cfg, method=name, method_args=args, num_latent_frames=frames,
+                  window_frames=window, sink_frames=sink, outdir=str(tmp_path / 'run'))
+  run.generate(s, progress=False)
+  res = json.loads((tmp_path / 'run' / 'result.json').read_text())
+  abstract = jax.eval_shape(lambda: s.method.init(s.spec))
+  assert res['method'] == name and res['kv_cache_bytes'] == s.method.nbytes(abstract)
+  assert res['method_params']['rope'] == ('post' if 'post' in args else 'pre')
+  assert 0 < res['latent_rel_l2'] < 0.5
+  compiled = [v for k, v in sampler._COMPILED.items()
+              if k[0] in ('denoise', 'context') and len(k) > 2 and k[2] == s.method and k[3] == s.spec]
+  assert len(compiled) == 2
+  for c in compiled:
+    assert full_extent_float_arrays(c.as_text(), s.spec.frame_tokens, s.method.slot_counts(s.spec),
+                                    s.spec.block_frames, s.spec.num_heads) == []

@@ -18,6 +18,9 @@ registry.register(flowcache.FlowCacheProfile)
 
 from kvjax.cache import age_recency  # noqa: E402,F401
 
+# Methods beyond the study (``in_study = False``), listed after the study's rows.
+from kvjax.cache import qvg  # noqa: E402,F401
+
 # The 33 method names of the study's tables, in table order (``CacheMethod.in_study``: not
 # FLOWCACHE_PROFILE, the study's profiling pass, nor AGE_TIER_BY_AGE, the recency='age' fix).
 PAPER_NAMES = study_names()

@@ -37,6 +37,8 @@ class CacheSpec:
     dtype: dtype of unquantized K/V (the compute dtype).
     total_frames: latent frames of the whole rollout (0 = unknown); methods whose definition
       refers to the study's whole-video buffer (positional tiers, buffer-wide statistics) need it.
+    rope: the model's RoPE over one frame's token grid (``kernels.rope.RopeGrid``), or None;
+      methods that store pre-RoPE keys (``CacheMethod.pre_rope_keys``) need it to read them.
   """
   batch: int
   num_layers: int
@@ -48,6 +50,7 @@ class CacheSpec:
   sink_frames: int = 0
   dtype: Any = jnp.bfloat16
   total_frames: int = 0
+  rope: Any = None
 
   def __post_init__(self):
     object.__setattr__(self, 'dtype', jnp.dtype(self.dtype))
@@ -59,12 +62,20 @@ class CacheSpec:
                        f'({self.block_frames} frames): a block must at least see itself')
     if self.total_frames < 0:
       raise ValueError(f'total_frames must be >= 0 (got {self.total_frames})')
+    if self.rope is not None and self.rope.frame_tokens != self.frame_tokens:
+      raise ValueError(f'CacheSpec.rope grid {self.rope.height}x{self.rope.width} does not hold '
+                       f'frame_tokens={self.frame_tokens}')
     if self.sink_frames < 0:
       raise ValueError(f'sink_frames must be >= 0 (got {self.sink_frames})')
     if self.sink_frames and self.sink_frames >= self.capacity_frames:
       raise ValueError(
           f'sink_frames={self.sink_frames} leaves no rolling history: need sink_frames < '
           f'window_frames - block_frames = {self.capacity_frames}')
+
+  def require_rope(self, who: str):
+    if self.rope is None:
+      raise ValueError(f'{who} stores pre-RoPE keys and needs CacheSpec.rope (the frame grid)')
+    return self.rope
 
   def require_total_frames(self, who: str) -> int:
     if self.total_frames <= 0:
@@ -141,6 +152,7 @@ class CacheMethod:
 
   - ``in_study``: the method is a row of the study's tables (``registry.study_names()`` lists
     the registered ones in registration order, which is the tables' order).
+  - ``beyond_study``: a method published after the study (QVG), listed and tabled apart.
   - ``is_reference``: the method's rollout *is* the exact BF16 reference, so the launcher runs
     no separate reference rollout for it (True for BF16 only; a subclass that changes the
     rollout, e.g. FLOWCACHE_NATIVE's step reuse, sets it back to False).
@@ -148,12 +160,15 @@ class CacheMethod:
   - ``step_reuse_threshold``: > 0 makes the sampler skip (reuse) denoising steps.
   - ``refresh_every_call`` / ``refresh(state)``: re-encode the history before every DiT call.
   - ``artifacts(state)``: extra files the launcher writes beside result.json.
+  - ``pre_rope_keys``: the model appends keys *before* RoPE (its sources rotate on read).
+  - ``storage(state)``: a breakdown of the stored bytes for ``--plan`` (QVG's packed spans).
   """
   name: ClassVar[str] = ''
   aliases: ClassVar[tuple[str, ...]] = ()
   family: ClassVar[str] = ''
   description: ClassVar[str] = ''
   in_study: ClassVar[bool] = True
+  beyond_study: ClassVar[bool] = False
   is_reference: ClassVar[bool] = False
 
   @classmethod
@@ -180,6 +195,17 @@ class CacheMethod:
   def refresh(self, state):
     """Re-encodes the stored history (only called when ``refresh_every_call``); identity here."""
     return state
+
+  @property
+  def pre_rope_keys(self) -> bool:
+    """True: ``append`` receives keys *before* the rotary embedding, and the method's sources
+    carry ``positions`` and ``rope`` so that readers rotate each chunk (QVG's ``rope='pre'``).
+    False (the default): keys arrive rotated to their absolute positions."""
+    return False
+
+  def storage(self, state) -> dict[str, Any]:
+    """Named parts of the stored bytes (JSON-able) for ``--plan``; none by default."""
+    return {}
 
   def artifacts(self, state) -> dict[str, Any]:
     """Extra JSON files for the result directory, ``{file name: JSON-able object}``, computed

@@ -124,10 +124,14 @@ def get(name: str, **overrides: Any) -> CacheMethod:
 
 
 def describe() -> list[dict[str, Any]]:
-  """One row per method: name, aliases, family, parameters (defaults), description."""
+  """One row per method: name, aliases, family, group ('study': a row of the study's tables,
+  'extra': the study's profiling pass and kvjax's fixes, 'beyond': methods after the study),
+  parameters (defaults), description."""
   rows = []
   for key, cls in _METHODS.items():
     rows.append(dict(name=cls.name,
                      aliases=sorted(a for a, k in _ALIASES.items() if k == key),
-                     family=cls.family, params=cls().params(), description=cls.description))
+                     family=cls.family, params=cls().params(),
+                     group='study' if cls.in_study else 'beyond' if cls.beyond_study else 'extra',
+                     description=cls.description))
   return rows

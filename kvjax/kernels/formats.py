@@ -333,3 +333,108 @@ class Split(Format):
       x = fmt.decode(sub, f32)
       xs.append(fwht(x, f32) if fmt.rotated != rotated else x)
     return cast(jnp.concatenate(xs, axis=2), dtype)
+
+
+# ---------------------------------------------------------------- QVG (Quant VideoGen)
+E4M3_MAX = 448.0
+QVG_BITS = (2, 4)
+QVG_SCALE_DTYPES = ('float8_e4m3fn', 'float16')
+
+
+def e4m3_decode(bits: jax.Array) -> jax.Array:
+  """float8_e4m3fn raw bits (uint8) -> float32, by integer arithmetic (as the kernel decodes).
+
+  sign | 4-bit exponent (bias 7) | 3-bit mantissa; exponent 0 is subnormal (m * 2^-9). The NaN
+  codes (0x7F, 0xFF) are never written (scales are finite and clipped to 448).
+  """
+  b = bits.astype(jnp.int32)
+  e = (b >> 3) & 15
+  m = (b & 7).astype(f32)
+  mag = jnp.where(e == 0, m * 2.0**-9, (8.0 + m) * jnp.exp2((e - 10).astype(f32)))
+  return jnp.where(b >= 128, -mag, mag)
+
+
+@dataclasses.dataclass(frozen=True)
+class QVG(Format):
+  """QVG: per-span k-means centroid tables plus a symmetric per-channel-group residual code.
+
+  Value of token n, head h, channel c (S stages, q_max = 2^(b-1) - 1):
+    x = sum_s C_s[h, ids_s[n, h], c] + scale[n, h, c // group] * (u[n, h, c] - q_max)
+  summed in float32 and written in the centroids' dtype (bf16 on the fast path), as QVG decodes.
+
+  Per-frame record (the chunk):                         Shared per span (``shared_fields``):
+    ids    [B, F, P, N, S]         uint8 cluster ids      centroids [B, 1, S, N, K, H] raw bits of
+    codes  [B, F, P, N, H*b/8]     uint8 packed u         ``centroid_dtype`` (bf16 as uint16)
+    scale  [B, F, P, N, H/group]   uint8 E4M3 bits (or fp16 bits with scale_dtype='float16')
+  """
+  bits: int = 2
+  centroids: int = 256
+  stages: int = 1
+  group: int = 64
+  scale_dtype: str = 'float8_e4m3fn'
+  centroid_dtype: Any = jnp.bfloat16
+
+  def __post_init__(self):
+    object.__setattr__(self, 'centroid_dtype', jnp.dtype(self.centroid_dtype))
+    if self.bits not in QVG_BITS:
+      raise ValueError(f'unsupported QVG bits={self.bits}; valid: {list(QVG_BITS)}')
+    if not isinstance(self.centroids, (int, np.integer)) or not 1 <= self.centroids <= 256:
+      raise ValueError(f'QVG centroids={self.centroids!r} must be in [1, 256] (cluster ids are uint8)')
+    if not isinstance(self.stages, (int, np.integer)) or self.stages < 1:
+      raise ValueError(f'QVG stages={self.stages!r} must be an integer >= 1')
+    check_group(self.group)
+    if self.scale_dtype not in QVG_SCALE_DTYPES:
+      raise ValueError(f'unsupported QVG scale_dtype {self.scale_dtype!r}; valid: '
+                       f'{list(QVG_SCALE_DTYPES)}')
+
+  @property
+  def qmax(self) -> int:
+    return sym_qmax(self.bits)
+
+  def _groups(self, h: int) -> int:
+    if h % self.group:
+      raise ValueError(f'QVG channel group {self.group} does not divide head_dim {h}')
+    return h // self.group
+
+  def fields(self, b, f, p, n, h):
+    sdt = jnp.uint8 if self.scale_dtype == 'float8_e4m3fn' else storage_dtype(F16)
+    return {'ids': sds((b, f, p, n, self.stages), jnp.uint8),
+            'codes': sds((b, f, p, n, packing.packed_width(h, self.bits)), jnp.uint8),
+            'scale': sds((b, f, p, n, self._groups(h)), sdt)}
+
+  def shared_fields(self, b: int, n: int, h: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The per-span record (leading [B, 1]): the S centroid tables of every head."""
+    return {'centroids': sds((b, 1, self.stages, n, self.centroids, h),
+                             storage_dtype(self.centroid_dtype))}
+
+  def shared_bytes(self, n: int, h: int) -> int:
+    """Bytes of one span's shared record (batch 1)."""
+    return sum(int(np.prod(s.shape)) * s.dtype.itemsize
+               for s in self.shared_fields(1, n, h).values())
+
+  def decode_scale(self, scale: jax.Array) -> jax.Array:
+    if self.scale_dtype == 'float8_e4m3fn':
+      return e4m3_decode(scale)
+    return from_storage(scale, F16).astype(f32)
+
+  def centroid_sum(self, rec) -> jax.Array:
+    """sum_s C_s[h, ids_s] -> [B, F, P, N, H] float32 (the smoothing part of the decode)."""
+    ids = rec['ids']
+    cents = from_storage(rec['centroids'], self.centroid_dtype).astype(f32)   # [B,1,S,N,K,H]
+    b, _, _, n = ids.shape[:4]
+    bi = jnp.arange(b)[:, None, None, None]
+    ni = jnp.arange(n)[None, None, None, :]
+    total = 0.0
+    for s in range(self.stages):
+      total = total + cents[:, 0, s][bi, ni, ids[..., s].astype(jnp.int32)]
+    return total
+
+  def residual(self, rec) -> jax.Array:
+    """scale * (u - q_max) -> [B, F, P, N, H] float32."""
+    u = packing.unpack(rec['codes'], self.bits).astype(f32)
+    scale = self.decode_scale(rec['scale'])
+    return (u - float(self.qmax)) * jnp.repeat(scale, self.group, axis=-1)
+
+  def decode(self, rec, dtype):
+    x = self.centroid_sum(rec) + self.residual(rec)
+    return cast(cast(x, self.centroid_dtype).astype(f32), dtype)

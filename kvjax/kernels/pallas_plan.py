@@ -247,6 +247,8 @@ def unsupported(src: Source) -> str | None:
   channel slices are < 16 wide (INT2 at head_dim < 64, INT4 at head_dim < 32: too narrow for a
   Triton dot), and malformed arrays.
   """
+  if src.rope is not None:
+    return 'pre-RoPE keys (rotated per chunk on read)'
   p = plans(src)
   if isinstance(p, str):
     return p

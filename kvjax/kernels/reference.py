@@ -23,9 +23,16 @@ f32 = jnp.float32
 NEG_INF = -jnp.inf
 
 
+def _precision(dtype):
+  """HIGHEST for float32 operands: XLA GPU otherwise runs float32 dots in TF32 (10-bit mantissa),
+  and float32 runs are the parity runs (the Pallas kernel asks for the same)."""
+  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.dtype(f32) else None
+
+
 def _scores(q, k, bias, scale):
   """q [B, T, N, H], k [B, S, N, H], bias [B, S] -> [B, N, T, S] float32."""
-  s = jnp.einsum('BTNH,BSNH->BNTS', q, k.astype(q.dtype), preferred_element_type=f32)
+  s = jnp.einsum('BTNH,BSNH->BNTS', q, k.astype(q.dtype), preferred_element_type=f32,
+                 precision=_precision(q.dtype))
   return s * scale + bias[:, None, None, :]
 
 
@@ -65,7 +72,8 @@ def walk(q: jax.Array, src: Source, scale: float):
     p = jnp.exp(s - m_safe[..., None])
     corr = jnp.exp(m - m_safe)
     l = l * corr + jnp.sum(p, axis=-1)
-    pv = jnp.einsum('BNTS,BSNH->BNTH', rnd(p), rnd(v), preferred_element_type=f32)
+    pv = jnp.einsum('BNTS,BSNH->BNTH', rnd(p), rnd(v), preferred_element_type=f32,
+                    precision=_precision(qo.dtype))
     acc = acc * corr[..., None] + pv
     return m_new, l, acc
 

@@ -12,11 +12,17 @@ Arrays (the pytree leaves), L = leading layer axis, R = records, S = chunk_token
   num_chunks  int32 []   chunks to walk
   bias        float32 [L, R, S] logit bias of each record token (0 plain, log(count) for a
               summary token, -inf for an empty slot), or None (all 0)
+  k_shared, v_shared  record fields shared by several chunks, [L, B, R2, ...] (QVG's per-span
+              centroid tables), or None; chunk j reads shared record ``shared_index[j]``
+  shared_index int32 [M] or None
+  positions   int32 [M] absolute latent frame of chunk j, or None; set (with ``rope``) when the
+              stored keys are pre-RoPE: the reader rotates each decoded key chunk to its frame
 Static (hashable, part of the tree structure):
   kfmt, vfmt  the formats of keys and values (both in the same basis: ``rotated``)
   chunk_tokens
   pool        for byte-pool sources: ((tensor, field, shape, dtype, byte offset, nbytes), ...),
               the record's fields serialized back to back (``cache/mixed_log.py``)
+  rope        ``rope.RopeGrid`` of a chunk (one frame) for pre-RoPE keys, or None
 
 ``read_chunk`` is the one jnp definition of what chunk j holds; ``reference.py`` walks it and the
 Pallas kernels take exactly these arrays.
@@ -31,7 +37,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax.kernels import formats as F
-from kvjax.numerics import to_storage
+from kvjax.numerics import cast, to_storage
 
 f32 = jnp.float32
 
@@ -44,10 +50,15 @@ class Source:
   index: jax.Array
   num_chunks: jax.Array
   bias: Any = None
+  k_shared: Any = None
+  v_shared: Any = None
+  shared_index: Any = None
+  positions: Any = None
   kfmt: F.Format = struct.field(pytree_node=False, default=F.Dense())
   vfmt: F.Format = struct.field(pytree_node=False, default=F.Dense())
   chunk_tokens: int = struct.field(pytree_node=False, default=1)
   pool: tuple | None = struct.field(pytree_node=False, default=None)
+  rope: Any = struct.field(pytree_node=False, default=None)
 
   @property
   def rotated(self) -> bool:
@@ -65,6 +76,15 @@ class Source:
   def __post_init__(self):
     if self.kfmt.rotated != self.vfmt.rotated:
       raise ValueError('keys and values of one source must share the rotation')
+    if (self.rope is None) != (self.positions is None):
+      raise ValueError('a pre-RoPE source needs both rope and positions')
+    if self.rope is not None and self.rope.frame_tokens != self.chunk_tokens:
+      raise ValueError(f'pre-RoPE chunks must be one frame: chunk_tokens={self.chunk_tokens}, '
+                       f'frame grid {self.rope.height}x{self.rope.width}')
+    if self.rope is not None and self.rotated:
+      raise ValueError('a Hadamard-rotated source cannot hold pre-RoPE keys')
+    if (self.shared_index is None) != (self.k_shared is None and self.v_shared is None):
+      raise ValueError('shared record fields need shared_index (and vice versa)')
 
 
 def dense_source(k: jax.Array, v: jax.Array, chunk_tokens: int) -> Source:
@@ -113,11 +133,16 @@ def _pool_record(src: Source, off) -> tuple[dict, dict]:
 
 
 def read_records(src: Source, j) -> tuple[dict, dict]:
-  """The k and v records of chunk j ([B, 1, ...] fields)."""
+  """The k and v records of chunk j ([B, 1, ...] fields), shared fields included."""
   rec = src.index[j]
   if src.pool is not None:
     return _pool_record(src, rec)
-  return record_at(src.k, src.layer, rec), record_at(src.v, src.layer, rec)
+  k, v = record_at(src.k, src.layer, rec), record_at(src.v, src.layer, rec)
+  if src.shared_index is not None:
+    shared = src.shared_index[j]
+    k = {**k, **record_at(src.k_shared or {}, src.layer, shared)}
+    v = {**v, **record_at(src.v_shared or {}, src.layer, shared)}
+  return k, v
 
 
 def chunk_bias(src: Source, j, batch: int) -> jax.Array:
@@ -134,4 +159,7 @@ def read_chunk(src: Source, j, dtype):
   kr, vr = read_records(src, j)
   k = src.kfmt.decode(kr, dtype)[:, 0]
   v = src.vfmt.decode(vr, dtype)[:, 0]
+  if src.rope is not None:
+    # The model's rotation of the key in its storage dtype (bf16 keys rotate from bf16 values).
+    k = cast(src.rope.rotate_frame(k, src.positions[j]).astype(f32), dtype)
   return k, v, chunk_bias(src, j, k.shape[0])

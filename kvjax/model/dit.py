@@ -16,7 +16,7 @@ from flax import nnx
 
 from kvjax import kernels
 from kvjax.cache.base import AppendInfo, ordered_after
-from kvjax.model import rope
+from kvjax.kernels import rope
 from kvjax.model.config import WanConfig
 from kvjax.model.layers import (Dense, LayerNorm, RMSNorm, f32, gelu_tanh, layer_norm, modulate,
                                 table_init, timestep_sinusoid)
@@ -71,7 +71,7 @@ class Block(nnx.Module):
     v = self.cross_attn.v(ctx).reshape(b, lt, cfg.num_heads, cfg.head_dim)
     return k, v
 
-  def __call__(self, x, e0, ctx_kv, cos_sin, self_attn_fn: SelfAttnFn):
+  def __call__(self, x, e0, ctx_kv, cos_sin, self_attn_fn: SelfAttnFn, pre_rope_keys=False):
     """Applies the block.
 
     Args:
@@ -80,8 +80,9 @@ class Block(nnx.Module):
       ctx_kv: (k, v) [B, Lt, N, H] cross-attention keys/values of the prompt.
       cos_sin: RoPE (cos, sin) [F*P, H/2] for the block's absolute positions.
       self_attn_fn: attention of the block's queries (see SelfAttnFn).
+      pre_rope_keys: return the keys before RoPE (for a cache that stores them so).
     Returns:
-      x [B, F, P, D]; the block's rotated keys and its values, [B, F*P, N, H].
+      x [B, F, P, D]; the block's keys (rotated, or pre-RoPE) and its values, [B, F*P, N, H].
     """
     cfg = self.cfg
     b, nf, p, d = x.shape
@@ -97,8 +98,8 @@ class Block(nnx.Module):
     k = sa.norm_k(sa.k(hid)).reshape(b, nf * p, n, h)
     v = sa.v(hid).reshape(b, nf * p, n, h)
     q = rope.apply(q, *cos_sin)
-    k = rope.apply(k, *cos_sin)
-    y = sa.o(self_attn_fn(q, k, v).reshape(b, nf * p, d), out_dtype=f32)
+    k_rot = rope.apply(k, *cos_sin)
+    y = sa.o(self_attn_fn(q, k_rot, v).reshape(b, nf * p, d), out_dtype=f32)
     x = (x.astype(f32) + y.reshape(b, nf, p, d) * m[2]).astype(cdt)
 
     # Cross-attention (no modulation, no gate, no mask).
@@ -112,7 +113,7 @@ class Block(nnx.Module):
     hid = modulate(layer_norm(x, cfg.eps), m[3], m[4]).astype(cdt)
     y = self.ffn(hid).astype(f32)
     x = (x.astype(f32) + y * m[5]).astype(cdt)
-    return x, k, v
+    return x, (k if pre_rope_keys else k_rot), v
 
 
 class Head(nnx.Module):
@@ -205,12 +206,14 @@ class WanDiT(nnx.Module):
     return kv
 
   # ---------------------------------------------------------------- forward passes
-  def _run_blocks(self, x, e0, cross_kv, cos_sin, make_attn, carry_init=None, update=None):
+  def _run_blocks(self, x, e0, cross_kv, cos_sin, make_attn, carry_init=None, update=None,
+                  pre_rope_keys=False):
     """Scans the stacked blocks.
 
     make_attn(layer, carry) -> SelfAttnFn for that layer; update(layer, carry, k, v, token)
     -> carry (the per-layer cache write of the context pass) or None; ``token`` is a scalar of
-    the layer's output, to order the write after the layer's reads.
+    the layer's output, to order the write after the layer's reads. ``pre_rope_keys``: update
+    receives the keys before RoPE.
     """
     gdef, state = nnx.split(self.blocks)
     layers = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
@@ -219,7 +222,7 @@ class WanDiT(nnx.Module):
       x, extra = c
       layer_state, ck, cv, layer = xs
       blk = nnx.merge(gdef, layer_state)
-      x, k, v = blk(x, e0, (ck, cv), cos_sin, make_attn(layer, extra))
+      x, k, v = blk(x, e0, (ck, cv), cos_sin, make_attn(layer, extra), pre_rope_keys)
       if update is not None:
         extra = update(layer, extra, k, v, x.reshape(-1)[0].astype(f32))
       return (x, extra), None
@@ -274,8 +277,9 @@ class WanDiT(nnx.Module):
         start = ordered_after(base_info.start_frame, token)
         return method.append(state, layer, k, v, base_info._replace(start_frame=start))
 
-    x_out, new_cache = self._run_blocks(tokens, e0, cross_kv, cos_sin, make_attn,
-                                        carry_init=cache if write else None, update=update)
+    x_out, new_cache = self._run_blocks(
+        tokens, e0, cross_kv, cos_sin, make_attn, carry_init=cache if write else None,
+        update=update, pre_rope_keys=write and method.pre_rope_keys)
     new_cache = new_cache if write else cache
     if not predict:
       return None, new_cache

@@ -4,10 +4,16 @@ Head channels (2i, 2i+1) form one complex number. The H/2 complex channels are s
 time | height | width with sizes [c - 2*(c//3), c//3, c//3] (c = H/2); each axis has its own
 frequency ladder theta^(-2j/dim_axis). In the causal model the time position is the absolute
 latent-frame index, so cached keys carry absolute positions.
+
+The model rotates queries and keys before attention. A cache that stores *pre-RoPE* keys (QVG's
+``rope='pre'``) hands its sources a ``RopeGrid``; the attention readers then rotate each decoded
+chunk (one latent frame of ``height x width`` tokens) by its absolute frame (``frame_angles``).
+Living in ``kvjax.kernels`` lets both the model and the kernels use it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -83,3 +89,30 @@ def apply(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   s = sin[None, :, None, :]
   out = jnp.stack([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
   return out.reshape(b, t, n, h).astype(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeGrid:
+  """The rotary embedding of one latent frame's token grid (hashable: static metadata).
+
+  head_dim, theta, max_pos: the model's RoPE (``WanConfig.head_dim / rope_theta /
+  rope_max_frames``); height, width: a frame's token grid after patchify (P = height * width).
+  """
+  head_dim: int
+  height: int
+  width: int
+  max_pos: int = 1024
+  theta: float = 10000.0
+
+  @property
+  def frame_tokens(self) -> int:
+    return self.height * self.width
+
+  def frame_angles(self, frame: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [height * width, head_dim // 2] float32 of the tokens of absolute frame ``frame``."""
+    return block_angles(frame, 1, self.height, self.width, head_dim=self.head_dim,
+                        max_pos=self.max_pos, theta=self.theta)
+
+  def rotate_frame(self, k: jax.Array, frame: jax.Array | int) -> jax.Array:
+    """k [B, height * width, N, H] of one frame, rotated to absolute frame ``frame`` (``apply``)."""
+    return apply(k, *self.frame_angles(frame))
