@@ -8,7 +8,8 @@ from flax import nnx
 
 from configs.self_forcing import get_config
 from kvjax import checkpoint as ckpt
-from kvjax.model import WanConfig, WanDiT, count_params, rope
+from kvjax.kernels import rope
+from kvjax.model import WanConfig, WanDiT, count_params
 from kvjax.model.layers import timestep_sinusoid
 from tests.conftest import rel_err, requires_torch, tiny_config
 
