@@ -141,7 +141,8 @@ class QVGCodec(F.QVG, Codec):
     km = jax.vmap(jax.vmap(lambda xs, kk: kmeans(xs, self.centroids, self.iters, kk)))
     ids, cents = [], []
     for s in range(self.stages):
-      keys = jax.random.split(jax.random.fold_in(key, s), b * n).reshape(b, n)
+      keys = jax.random.split(jax.random.fold_in(key, s), b * n)
+      keys = keys.reshape((b, n) + keys.shape[1:])            # typed or raw uint32 keys
       c, a = km(r, keys)                                               # [B,N,K,H], [B,N,M]
       picked = jnp.take_along_axis(c, a[..., None], axis=2)            # [B, N, M, H]
       r = (r.astype(f32) - picked.astype(f32)).astype(x.dtype)

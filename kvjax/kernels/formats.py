@@ -342,15 +342,18 @@ QVG_SCALE_DTYPES = ('float8_e4m3fn', 'float16')
 
 
 def e4m3_decode(bits: jax.Array) -> jax.Array:
-  """float8_e4m3fn raw bits (uint8) -> float32, by integer arithmetic (as the kernel decodes).
+  """float8_e4m3fn raw bits (uint8) -> float32 with integer ops only (the kernel calls it too).
 
-  sign | 4-bit exponent (bias 7) | 3-bit mantissa; exponent 0 is subnormal (m * 2^-9). The NaN
-  codes (0x7F, 0xFF) are never written (scales are finite and clipped to 448).
+  sign | 4-bit exponent e (bias 7) | 3-bit mantissa m: (8 + m) * 2^(e - 10), or m * 2^-9 when
+  e = 0 (subnormal); the power of two is built from its float32 exponent bits, so every value is
+  exact. The NaN codes (0x7F, 0xFF) are never written (scales are finite, clipped to 448).
   """
   b = bits.astype(jnp.int32)
-  e = (b >> 3) & 15
+  e = jax.lax.shift_right_logical(b, jnp.full(b.shape, 3, jnp.int32)) & 15
   m = (b & 7).astype(f32)
-  mag = jnp.where(e == 0, m * 2.0**-9, (8.0 + m) * jnp.exp2((e - 10).astype(f32)))
+  two = jax.lax.bitcast_convert_type(
+      jax.lax.shift_left(jnp.maximum(e, 1) + 117, jnp.full(b.shape, 23, jnp.int32)), f32)
+  mag = jnp.where(e == 0, m, m + 8.0) * two
   return jnp.where(b >= 128, -mag, mag)
 
 

@@ -1,5 +1,11 @@
 """In-kernel reads and dequantization of the fused kernel (``pallas_gpu.py``).
 
+QVG records: the tile's cluster ids ([bk, 1] gather loads per stage) index the span's centroid
+table (a shared record [L, B, R2, S, N, K, H], chunk j's at ``shared_index[j]``): each channel
+slice is one [bk, w] gather load of centroid rows (a table is 64 KiB per head at K=256, H=128,
+L2-resident while its span is walked), plus the residual codes and their per-(token, 64-channel)
+scales, E4M3 bits decoded with integer ops.
+
 Where record fields are read from (``Reader``):
   * typed arrays: every source array is passed whole ([L, B, R, ...]) and addressed inside the
     kernel with the dynamic scalars (layer, b, record, n): the Triton lowering turns an indexed
@@ -76,10 +82,10 @@ def _f16_bits(x):
 
 class Tile:
   """Static geometry of one key tile plus the dynamic addressing scalars (``rec``: the record
-  of typed arrays, or the record's byte offset in a pool)."""
+  of typed arrays, or the record's byte offset in a pool; ``srec``: the shared record)."""
 
-  def __init__(self, layer, b, rec, n, t0, block_k, s):
-    self.layer, self.b, self.rec, self.n, self.t0 = layer, b, rec, n, t0
+  def __init__(self, layer, b, rec, n, t0, block_k, s, srec=None):
+    self.layer, self.b, self.rec, self.n, self.t0, self.srec = layer, b, rec, n, t0, srec
     self.bk, self.s = block_k, s
     self.tok = t0 + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
     self.valid = self.tok < s
@@ -106,8 +112,9 @@ class Reader:
   """Reads one tensor's record fields for a key tile, returning stored-dtype tiles: from typed
   arrays ``refs[name]`` [L, B, R, ...] or from the byte pool ``pool_ref`` [L, B, bytes]."""
 
-  def __init__(self, refs: dict, pool_ref, plan: Plan, tile: Tile):
+  def __init__(self, refs: dict, pool_ref, plan: Plan, tile: Tile, shared: dict | None = None):
     self.refs, self.pool_ref, self.plan, self.tile = refs, pool_ref, plan, tile
+    self.shared = shared or {}
 
   def _pool(self, name, elem):
     _, shape, dt, off = self.plan.field(name)
@@ -148,6 +155,29 @@ class Reader:
 
 
 # ---------------------------------------------------------------- in-kernel decoding
+def _decode_qvg(rd: Reader, st: Stage, codes, c0: int, w: int, memo: dict):
+  """QVG: sum of the tile's centroid rows (gathered from the span's shared tables) plus
+  (u - q_max) * scale, float32, rounded to the centroids' dtype (``formats.QVG.decode``)."""
+  t = rd.tile
+  if 'qvg_rows' not in memo:
+    memo['qvg_rows'] = jnp.minimum(t.tok, t.s - 1)[:, None]              # [bk, 1] valid rows
+  rows = memo['qvg_rows']
+  cols = (c0 + lax.broadcasted_iota(jnp.int32, (w,), 0))[None, :]       # [1, w]
+  sbits = rd.refs['scale'][t.layer, t.b, t.rec, rows, t.n, cols // st.group]   # [bk, w]
+  scale = F.e4m3_decode(sbits) if st.fp8_scale else _f16_bits(sbits)
+  resid = (codes.astype(f32) - float(2 ** (st.bits - 1) - 1)) * scale
+  total = None
+  cent = rd.shared['centroids']
+  for i in range(st.cent_stages):
+    key = ('qvg_ids', i)
+    if key not in memo:
+      memo[key] = rd.refs['ids'][t.layer, t.b, t.rec, rows, t.n, i].astype(jnp.int32)  # [bk, 1]
+    c = cent[t.layer, t.b, t.srec, i, t.n, memo[key], cols]                # [bk, w]
+    c = (lax.bitcast_convert_type(c, st.dtype) if c.dtype != st.dtype else c).astype(f32)
+    total = c if total is None else total + c
+  return (total + resid).astype(st.dtype).astype(f32)
+
+
 def _decode_stage(rd: Reader, st: Stage, c0: int, w: int, h: int, memo: dict):
   """Channels [c0, c0 + w) of the tile's tokens: [block_k, w], dense dtype or float32.
 
@@ -170,6 +200,8 @@ def _decode_stage(rd: Reader, st: Stage, c0: int, w: int, h: int, memo: dict):
     if field:
       codes = lax.shift_right_logical(codes, jnp.full(codes.shape, field * st.bits, jnp.uint8))
     codes = codes & jnp.full(codes.shape, (1 << st.bits) - 1, jnp.uint8)
+  if st.kind == 'qvg':
+    return _decode_qvg(rd, st, codes, c0, w, memo)
   c = codes.astype(f32)
   if st.kind == 'token':
     def row(name):

@@ -13,6 +13,11 @@ Kernel layout:
   >= T) are masked loads / stores (or clamped addresses whose rows are then masked), never
   silently clamped reads.
 
+Pre-RoPE keys (``src.rope``, QVG's default): each decoded key slice is rotated in registers to
+its chunk's frame before the QK dot (``_Rotation``), as the model rotates keys (float32, rounded
+to the compute dtype). Shared records (QVG's per-span centroid tables) are passed whole and
+addressed with ``shared_index[j]``.
+
 Reading and dequantizing records in registers: ``pallas_decode.py``; which sources the kernel
 takes (static read plans, validation, ``unsupported``): ``pallas_plan.py``.
 
@@ -58,8 +63,41 @@ __all__ = ['source_attention', 'unsupported']
 
 
 # ---------------------------------------------------------------- the kernel
-def _kernel(*refs, kplan, vplan, knames, vnames, has_bias, pool_max_offset, scale, n_heads, h,
-            t_len, s_len, n_layers, n_records, max_chunks, block_q, block_k, wk, wv, precision):
+class _Rotation:
+  """RoPE of a decoded pre-RoPE key tile to its chunk's frame (``rope.RopeGrid``), in registers.
+
+  Channel pairs (2i, 2i+1) rotate together; their partner (-x[2i+1], x[2i]) is a dot with a
+  constant signed permutation (exact: one nonzero term per element), and the angle of channel
+  c of token t in chunk j comes from the split tables (``RopeGrid.channel_tables``) by the
+  angle-sum products, which are exactly the model's table values. Computed in float32 and
+  rounded to the compute dtype, as the model rotates keys.
+  """
+
+  def __init__(self, refs, jj, tile: Tile, dtype, precision):
+    self.t_cos, self.t_sin, self.s_cos, self.s_sin = refs
+    self.jj, self.tile, self.dtype, self.precision = jj, tile, dtype, precision
+
+  def __call__(self, k, c0: int, w: int):
+    t = self.tile
+    r = lax.broadcasted_iota(jnp.int32, (w, w), 0)
+    c = lax.broadcasted_iota(jnp.int32, (w, w), 1)
+    even = (r % 2) == 0
+    perm = jnp.where(even & (c == r + 1), 1.0, jnp.where(~even & (c == r - 1), -1.0, 0.0))
+    partner = jnp.dot(k, perm.astype(k.dtype), precision=self.precision,
+                      preferred_element_type=f32)
+    tc = self.t_cos[self.jj, pl.ds(c0, w)][None, :]
+    ts = self.t_sin[self.jj, pl.ds(c0, w)][None, :]
+    mask = jnp.broadcast_to(t.valid[:, None], (t.bk, w))
+    sc = plgpu.load(self.s_cos.at[pl.ds(t.t0, t.bk), pl.ds(c0, w)], mask=mask, other=1.0)
+    ss = plgpu.load(self.s_sin.at[pl.ds(t.t0, t.bk), pl.ds(c0, w)], mask=mask, other=0.0)
+    cos = tc * sc - ts * ss
+    sin = ts * sc + tc * ss
+    return (k.astype(f32) * cos + partner * sin).astype(self.dtype)
+
+
+def _kernel(*refs, kplan, vplan, knames, vnames, has_bias, pool_max_offset, shared, has_rope,
+            scale, n_heads, h, t_len, s_len, n_layers, n_records, n_shared, max_chunks, block_q,
+            block_k, wk, wv, precision):
   q_ref, layer_ref, index_ref, nc_ref = refs[:4]
   pos = 4
   bias_ref = pool_ref = None
@@ -78,6 +116,16 @@ def _kernel(*refs, kplan, vplan, knames, vnames, has_bias, pool_max_offset, scal
     kout, pos = refs[pos:pos + 3], pos + 3
   if vplan.outliers:
     vout, pos = refs[pos:pos + 3], pos + 3
+  sidx_ref, kshared, vshared = None, {}, {}
+  if shared:
+    sidx_ref = refs[pos]
+    pos += 1
+    for tensor in shared:
+      (kshared if tensor == 'k' else vshared)['centroids'] = refs[pos]
+      pos += 1
+  rope_refs = None
+  if has_rope:
+    rope_refs, pos = refs[pos:pos + 4], pos + 4
   o_ref, lse_ref = refs[pos], refs[pos + 1]
 
   bn = pl.program_id(0)
@@ -99,11 +147,12 @@ def _kernel(*refs, kplan, vplan, knames, vnames, has_bias, pool_max_offset, scal
   num_chunks = nc_ref[0]
   n_tiles = -(-s_len // block_k)
 
-  def tile_step(jj, rec, kt, carry):
+  def tile_step(jj, rec, srec, kt, carry):
     m, l, accs = carry
-    tile = Tile(layer, b, rec, n, kt * block_k, block_k, s_len)
-    krd = Reader(krefs, pool_ref, kplan, tile)
-    vrd = Reader(vrefs, pool_ref, vplan, tile)
+    tile = Tile(layer, b, rec, n, kt * block_k, block_k, s_len, srec)
+    krd = Reader(krefs, pool_ref, kplan, tile, kshared)
+    vrd = Reader(vrefs, pool_ref, vplan, tile, vshared)
+    rot = _Rotation(rope_refs, jj, tile, dtype, precision) if rope_refs is not None else None
     kpatch = vpatch = None
     if kout is not None:
       kpatch = Outliers(kout, jj, b, n, kt, n_tiles, n_heads, h, tile)
@@ -115,6 +164,8 @@ def _kernel(*refs, kplan, vplan, knames, vnames, has_bias, pool_max_offset, scal
       k_i = decode(krd, i * wk, wk, h, dtype, kmemo)
       if kpatch is not None:
         k_i = kpatch.patch(k_i, i * wk, wk)
+      if rot is not None:
+        k_i = rot(k_i, i * wk, wk)
       d = lax.dot_general(qs[i], k_i, (((1,), (1,)), ((), ())), precision=precision,
                           preferred_element_type=f32)
       s = d if s is None else s + d
@@ -145,9 +196,10 @@ def _kernel(*refs, kplan, vplan, knames, vnames, has_bias, pool_max_offset, scal
     # the record (or its byte offset in the pool), clamped as dynamic_slice clamps it
     rec = (jnp.clip(raw, 0, pool_max_offset) if pool_max_offset is not None
            else jnp.clip(raw, 0, n_records - 1))
+    srec = jnp.clip(sidx_ref[jj], 0, n_shared - 1) if sidx_ref is not None else None
     if n_tiles == 1:
-      return tile_step(jj, rec, 0, carry)
-    return lax.fori_loop(0, n_tiles, lambda kt, c: tile_step(jj, rec, kt, c), carry)
+      return tile_step(jj, rec, srec, 0, carry)
+    return lax.fori_loop(0, n_tiles, lambda kt, c: tile_step(jj, rec, srec, kt, c), carry)
 
   carry = (jnp.full((block_q,), NEG_INF, f32), jnp.zeros((block_q,), f32),
            tuple(jnp.zeros((block_q, wv), f32) for _ in range(nvs)))
@@ -277,12 +329,23 @@ def _source_attention(q, src, *, scale, interpret, block_q, block_k, num_warps, 
   for tensor, plan in (('k', kplan), ('v', vplan)):
     if plan.outliers:
       inputs += list(_outlier_tables(src, tensor, plan, n_heads, h, bk))
+  shared = tuple(t for t, f in (('k', src.k_shared), ('v', src.v_shared)) if f)
+  n_shared = 1
+  if shared:
+    inputs.append(src.shared_index.astype(jnp.int32))
+    for t in shared:
+      table = (src.k_shared if t == 'k' else src.v_shared)['centroids']
+      inputs.append(table)
+      n_shared = int(table.shape[2])
+  if src.rope is not None:
+    inputs += list(src.rope.channel_tables(src.positions))
 
   kernel = functools.partial(
       _kernel, kplan=kplan, vplan=vplan, knames=knames, vnames=vnames,
-      has_bias=src.bias is not None, pool_max_offset=pool_max_offset, scale=float(scale),
-      n_heads=n_heads, h=h, t_len=t_len, s_len=s_len, n_layers=int(lead[0]),
-      n_records=int(lead[2]), max_chunks=int(src.index.shape[0]), block_q=bq, block_k=bk,
+      has_bias=src.bias is not None, pool_max_offset=pool_max_offset, shared=shared,
+      has_rope=src.rope is not None, scale=float(scale), n_heads=n_heads, h=h, t_len=t_len,
+      s_len=s_len, n_layers=int(lead[0]), n_records=int(lead[2]), n_shared=n_shared,
+      max_chunks=int(src.index.shape[0]), block_q=bq, block_k=bk,
       wk=wk, wv=wv, precision=precision)
   out_shape = (jax.ShapeDtypeStruct((bsz, t_len, n_heads, h), f32),
                jax.ShapeDtypeStruct((bsz, n_heads, t_len), f32))

@@ -22,13 +22,18 @@ MIN_BLOCK = 16          # tl.dot needs M, N, K >= 16
 @dataclasses.dataclass(frozen=True)
 class Stage:
   """One term of a decoded tensor: 'dense', 'sym' (SymGroup), 'asym' (AsymGroup), 'token'
-  (AsymToken). ``prefix`` selects the record fields (Residual: 'base_' / 'res_')."""
+  (AsymToken), 'qvg' (QVG: centroid gathers plus a residual with per-(token, channel group)
+  scales; ``group`` is then the channel group). ``prefix`` selects the record fields (Residual:
+  'base_' / 'res_')."""
   kind: str
   prefix: str = ''
   bits: int = 8
   group: int = 1
   dequant: str = 'float32'
-  dtype: jnp.dtype | None = None      # dense: the value dtype
+  dtype: jnp.dtype | None = None      # dense: the value dtype; qvg: the centroids' dtype
+  cent_stages: int = 0                # qvg: centroid tables summed
+  centroids: int = 0                  # qvg: entries per table
+  fp8_scale: bool = False             # qvg: E4M3 scale bits (else fp16 bits)
 
   @property
   def per_byte(self) -> int:
@@ -69,6 +74,12 @@ def _stages(fmt: F.Format) -> tuple[Stage, ...] | str:
     return (Stage('asym', '', fmt.bits, fmt.group, fmt.dequant_dtype),)
   if isinstance(fmt, F.AsymToken):
     return (Stage('token', '', fmt.bits, 1, fmt.dequant_dtype),)
+  if isinstance(fmt, F.QVG):
+    if fmt.centroid_dtype not in DENSE_DTYPES:
+      return f'QVG centroid dtype {fmt.centroid_dtype.name}'
+    return (Stage('qvg', '', fmt.bits, fmt.group, dtype=fmt.centroid_dtype,
+                  cent_stages=fmt.stages, centroids=fmt.centroids,
+                  fp8_scale=fmt.scale_dtype == 'float8_e4m3fn'),)
   if isinstance(fmt, F.Dense):
     dt = jnp.dtype(fmt.dtype)
     if dt not in DENSE_DTYPES:
@@ -96,6 +107,8 @@ def _field_names(plan: Plan) -> list[str]:
   for s in plan.stages:
     if s.kind == 'dense':
       names.append(s.prefix + 'x')
+    elif s.kind == 'qvg':
+      names += ['ids', 'codes', 'scale']
     else:
       names += [s.prefix + 'codes', s.prefix + 'scale']
       if s.kind in ('asym', 'token'):
@@ -119,6 +132,12 @@ def _check_fields(fields: dict, plan: Plan, s: int, n: int, h: int) -> str | Non
     if st.kind == 'dense':
       stored = U16 if st.dtype.itemsize == 2 else st.dtype
       want[st.prefix + 'x'] = ((s, n, h), stored)
+    elif st.kind == 'qvg':
+      if h % st.group:
+        return f'QVG channel group {st.group} does not divide head_dim {h}'
+      want['ids'] = ((s, n, st.cent_stages), U8)
+      want['codes'] = ((s, n, h // st.per_byte), U8)
+      want['scale'] = ((s, n, h // st.group), U8 if st.fp8_scale else U16)
     else:
       want[st.prefix + 'codes'] = ((s, n, h // st.per_byte), U8)
       if st.kind == 'token':
@@ -144,10 +163,11 @@ def _heads(kplan: Plan, kf: dict, vplan: Plan, vf: dict) -> tuple[int, int] | No
   """(N, H) of the source: from a field that keeps all H channels, else from AsymToken codes."""
   for plan, fields in ((kplan, kf), (vplan, vf)):
     for stage in plan.stages:
-      name = {'dense': 'x', 'sym': 'scale', 'asym': 'scale', 'token': 'codes'}[stage.kind]
+      name = {'dense': 'x', 'sym': 'scale', 'asym': 'scale', 'token': 'codes',
+              'qvg': 'codes'}[stage.kind]
       shape = fields.get(stage.prefix + name, ((),))[0]
       if len(shape) == 3:
-        w = int(shape[2]) * (stage.per_byte if stage.kind == 'token' else 1)
+        w = int(shape[2]) * (stage.per_byte if stage.kind in ('token', 'qvg') else 1)
         return int(shape[1]), w
   return None
 
@@ -201,6 +221,45 @@ def _source_fields(src: Source) -> tuple[dict, dict, tuple] | str:
   return out[0], out[1], lead
 
 
+def _check_shared(src: Source, kplan: Plan, vplan: Plan, lead, n: int, h: int) -> str | None:
+  """QVG's shared centroid tables: {'centroids': [L, B, R2, stages, N, K, H]} per tensor."""
+  for plan, shared, what in ((kplan, src.k_shared, 'keys'), (vplan, src.v_shared, 'values')):
+    qvg = [st for st in plan.stages if st.kind == 'qvg']
+    if not qvg:
+      if shared:
+        return f'{what}: shared record fields {sorted(shared)} for a format without them'
+      continue
+    st = qvg[0]
+    if src.pool is not None:
+      return f'{what}: QVG records in a byte pool'
+    if not shared or set(shared) != {'centroids'}:
+      return f'{what}: QVG needs shared fields {{"centroids"}}'
+    c = shared['centroids']
+    want = (lead[0], lead[1], None, st.cent_stages, n, st.centroids, h)
+    stored = U16 if st.dtype.itemsize == 2 else st.dtype
+    if (c.ndim != 7 or any(w is not None and int(g) != w for g, w in zip(c.shape, want))
+        or jnp.dtype(c.dtype) != stored):
+      return (f'{what}: centroids {jnp.dtype(c.dtype).name}{list(c.shape)} are not '
+              f'{stored.name}[L, B, R2, {st.cent_stages}, {n}, {st.centroids}, {h}]')
+  if (src.k_shared or src.v_shared) and (src.shared_index is None or src.shared_index.ndim != 1
+                                         or src.shared_index.shape != src.index.shape):
+    return 'shared_index is not an [M] array like index'
+  return None
+
+
+def _check_rope(src: Source, h: int) -> str | None:
+  """Pre-RoPE keys: positions [M] and a grid of this head_dim (chunks are one frame)."""
+  if src.rope is None:
+    return None
+  if src.pool is not None:
+    return 'pre-RoPE keys in a byte pool'
+  if src.rope.head_dim != h:
+    return f'RoPE grid for head_dim {src.rope.head_dim}, source has {h}'
+  if src.positions.ndim != 1 or src.positions.shape != src.index.shape:
+    return 'positions is not an [M] array like index'
+  return None
+
+
 def plans(src: Source) -> tuple[Plan, Plan, tuple[int, int], tuple] | str:
   """(key plan, value plan, (N, H), leading axes) of a source, or why the kernel can't read it."""
   kplan, vplan = _plan(src.kfmt), _plan(src.vfmt)
@@ -230,6 +289,9 @@ def plans(src: Source) -> tuple[Plan, Plan, tuple[int, int], tuple] | str:
     w = slice_width(plan.stages, h)
     if w < MIN_BLOCK:
       return f'{what}: channel slice of {w} < {MIN_BLOCK} (head_dim {h} too small for the packing)'
+  bad = _check_shared(src, kplan, vplan, lead, n, h) or _check_rope(src, h)
+  if bad:
+    return bad
   if src.pool is not None:
     kl, vl, _ = _pool_layout(src)
     kplan = dataclasses.replace(kplan, layout=tuple((k,) + e for k, e in sorted(kl.items())))
@@ -242,13 +304,12 @@ def unsupported(src: Source) -> str | None:
 
   Read: typed record arrays and byte-pool records of Dense (float32 / bfloat16 / float16),
   SymGroup, AsymGroup, AsymToken and Residual formats, each optionally Rotated and / or
-  WithOutliers. Refused: Split formats (the spatial methods read them as two sources), nested
+  WithOutliers; typed QVG records with their shared centroid tables; pre-RoPE keys (typed
+  records; the kernel rotates each decoded key tile to its chunk's frame). Refused: Split formats (the spatial methods read them as two sources), nested
   outliers, a logit bias on a byte-pool source, head_dim not a power of two, a packing whose
   channel slices are < 16 wide (INT2 at head_dim < 64, INT4 at head_dim < 32: too narrow for a
   Triton dot), and malformed arrays.
   """
-  if src.rope is not None:
-    return 'pre-RoPE keys (rotated per chunk on read)'
   p = plans(src)
   if isinstance(p, str):
     return p

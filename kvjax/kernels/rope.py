@@ -116,3 +116,28 @@ class RopeGrid:
   def rotate_frame(self, k: jax.Array, frame: jax.Array | int) -> jax.Array:
     """k [B, height * width, N, H] of one frame, rotated to absolute frame ``frame`` (``apply``)."""
     return apply(k, *self.frame_angles(frame))
+
+  def channel_tables(self, positions: jax.Array) -> tuple[jax.Array, ...]:
+    """Per-channel rotation tables for a kernel, split into the frame and in-frame parts.
+
+    Returns (t_cos, t_sin [M, H] for the frames ``positions`` [M], s_cos, s_sin [P, H] for a
+    frame's tokens), float32, each complex channel's value repeated on its two real channels.
+    On every channel one part is the identity (cos 1, sin 0), so the angle-sum products
+    t_cos * s_cos - t_sin * s_sin and t_sin * s_cos + t_cos * s_sin are exactly the
+    ``frame_angles`` values.
+    """
+    t_tab, h_tab, w_tab = tables(self.head_dim, self.max_pos, self.theta)
+    c_t = t_tab.shape[1]
+    c_hw = h_tab.shape[1] + w_tab.shape[1]
+    pos = jnp.clip(positions, 0, self.max_pos - 1)
+    t_cos = jnp.concatenate([jnp.asarray(np.cos(t_tab), jnp.float32)[pos],
+                             jnp.ones((pos.shape[0], c_hw), jnp.float32)], axis=1)
+    t_sin = jnp.concatenate([jnp.asarray(np.sin(t_tab), jnp.float32)[pos],
+                             jnp.zeros((pos.shape[0], c_hw), jnp.float32)], axis=1)
+    s_cos, s_sin = block_angles(0, 1, self.height, self.width, head_dim=self.head_dim,
+                                max_pos=self.max_pos, theta=self.theta)
+    p = self.frame_tokens
+    s_cos = jnp.concatenate([jnp.ones((p, c_t), jnp.float32), s_cos[:, c_t:]], axis=1)
+    s_sin = jnp.concatenate([jnp.zeros((p, c_t), jnp.float32), s_sin[:, c_t:]], axis=1)
+    twice = lambda a: jnp.repeat(a, 2, axis=1)
+    return twice(t_cos), twice(t_sin), twice(s_cos), twice(s_sin)

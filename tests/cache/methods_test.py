@@ -19,6 +19,7 @@ from kvjax import kernels
 from kvjax.cache import AppendInfo, CacheSpec
 from kvjax.cache import flowcache as fc
 from kvjax.kernels import dense_attention
+from kvjax.kernels.rope import RopeGrid
 from kvjax.kernels.source import record_at
 
 SPEC = CacheSpec(batch=1, num_layers=2, num_heads=2, head_dim=32, frame_tokens=40, block_frames=3,
@@ -148,6 +149,33 @@ def test_pallas_equals_xla(name):
     np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_want), rtol=1e-5, atol=1e-5)
 
   _run(m, spec=SPEC64, check=check)
+
+
+@pytest.mark.parametrize('name,params,window,sink', [
+    ('QVG_INT2', dict(span_frames=1, centroids=16), 10, 1),                 # spans a frame, sink
+    ('QVG_INT4', dict(span_frames=6, centroids=16, stages=2), 13, 0),       # BF16 tail, 2 stages
+    ('QVG_INT2', dict(span_frames=3, centroids=16, rope='post'), 10, 0),    # rotated keys
+])
+def test_qvg_pallas_equals_xla(name, params, window, sink):
+  """QVG (beyond the study) read by the kernel equals the XLA walk after every block: centroid
+  tables shared by a span's frames, pre-RoPE keys rotated per chunk, the BF16 tail."""
+  spec = dataclasses.replace(SPEC64, window_frames=window, sink_frames=sink,
+                             rope=RopeGrid(64, 5, 8))
+  m = kvcache.get(name, **params)
+  rng = np.random.default_rng(5)
+  srcs = jax.jit(lambda s: m.sources(s, jnp.int32(1)))
+  xla = jax.jit(lambda s, q: m.attend(s, jnp.int32(1), q, 'xla'))
+  pallas = jax.jit(lambda s, q: m.attend(s, jnp.int32(1), q, 'pallas'))
+
+  def check(state, b):
+    assert kernels.fallbacks(srcs(state)) == []
+    q = jnp.asarray(rng.standard_normal((1, 7, 2, 64)).astype(np.float32))
+    want, lse_want = xla(state, q)
+    got, lse = pallas(state, q)
+    assert _per_row_rel(got, want) <= 1e-5, b
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_want), rtol=1e-5, atol=1e-5)
+
+  _run(m, spec=spec, check=check)
 
 
 @pytest.mark.parametrize('name', ['RTN_INT4', 'KIVI_INT4', 'QUAROT_KV_INT4', 'PRQ_INT4', 'AGE_TIER_INT2',

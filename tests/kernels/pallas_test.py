@@ -22,8 +22,10 @@ from absl.testing import absltest, parameterized
 
 from kvjax.cache import codecs as C
 from kvjax.cache.mixed_log import _field_layout
+from kvjax.cache.qvg import QVGCodec
 from kvjax.kernels import formats as F
 from kvjax.kernels import pallas_gpu, reference
+from kvjax.kernels.rope import RopeGrid
 from kvjax.kernels.source import Source
 
 SCALE = 0.125
@@ -256,6 +258,49 @@ def make_pool_source(tier: str) -> Source:
                 pool=layout)
 
 
+# ---------------------------------------------------------------- QVG records and pre-RoPE keys
+QVG_R = 4                               # records (frames): 2 spans of 2 frames per layer
+QVG_GRID = RopeGrid(H, 5, 8)            # S = 40 tokens a frame
+QVG_INDEX = (3, 0, 2, 1)                # walked out of order; chunk j's span = index[j] // 2
+QVG_POSITIONS = (7, 0, 5, 2)            # absolute frames (pre-RoPE sources)
+QVG_COMBOS = {
+    # name: (bits, centroid stages, scale dtype, centroid dtype, pre-RoPE keys, q dtype)
+    'qvg2_fp8_pre_f32': (2, 1, 'float8_e4m3fn', 'float32', True, 'float32'),
+    'qvg2_fp8_pre_bf16': (2, 1, 'float8_e4m3fn', 'bfloat16', True, 'bfloat16'),
+    'qvg4_fp16_2stages_post_bf16': (4, 2, 'float16', 'bfloat16', False, 'bfloat16'),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def make_qvg_source(combo: str) -> Source:
+  """QVG records [L, B, 4, ...] and per-span centroid tables [L, B, 2, ...] of real encodes
+  (8 centroids), keys and values from different data; 3 of 4 chunks walked."""
+  bits, stages, sdt, cdt, pre, _ = QVG_COMBOS[combo]
+  codec = QVGCodec(bits, 8, stages, 64, sdt, cdt)
+  out = []
+  for seed in (11, 12):
+    x = jnp.asarray(_normal((L, 2, B, 2, POOL_S, N, H), seed)).astype(cdt)
+    enc = [[run_compiled(codec.encode_span, x[l, sp], jax.random.PRNGKey(10 * l + sp))
+            for sp in range(2)] for l in range(L)]
+    rec = {k: jnp.stack([jnp.concatenate([e[sp][0][k] for sp in range(2)], 1) for e in enc])
+           for k in enc[0][0][0]}
+    shared = {k: jnp.stack([jnp.concatenate([e[sp][1][k] for sp in range(2)], 1) for e in enc])
+              for k in enc[0][0][1]}
+    out.append((rec, shared))
+  (kr, ks), (vr, vs) = out
+  index = jnp.asarray(QVG_INDEX, jnp.int32)
+  return Source(k=kr, v=vr, layer=jnp.int32(1), index=index, num_chunks=jnp.int32(3),
+                k_shared=ks, v_shared=vs, shared_index=index // 2,
+                positions=jnp.asarray(QVG_POSITIONS, jnp.int32) if pre else None,
+                kfmt=codec, vfmt=codec, chunk_tokens=POOL_S, rope=QVG_GRID if pre else None)
+
+
+def make_prerope_dense_source(dtype: str) -> Source:
+  """The BF16 tail of a pre-RoPE cache: dense un-rotated keys, rotated by the reader."""
+  src = make_source('dense_bf16' if dtype == 'bfloat16' else 'dense_f32', 'ragged')
+  return src.replace(bias=None, positions=jnp.asarray((4, 9, 1), jnp.int32), rope=QVG_GRID)
+
+
 # Interpret mode compiles the kernel to an XLA CPU program per shape; the tests' cost is that
 # compilation, which XLA's backend optimization level 0 cuts by ~40% (numerics unchanged).
 FAST_COMPILE = {'xla_backend_optimization_level': 0}
@@ -455,6 +500,40 @@ class PallasSourceAttentionTest(parameterized.TestCase):
     self.assertGreater(per_row_rel(out, _walk(q, base_only, SCALE)[0]), 100 * TOL['float32'])
 
 
+  @parameterized.named_parameters(*[(c, c) for c in QVG_COMBOS])
+  def test_qvg_matches_reference(self, combo):
+    """QVG records (centroid gathers from the chunk's span table plus the residual) in one and
+    in 16x16 tiles, with pre-RoPE keys rotated per chunk; negative controls: centroids of the
+    wrong span, ids ignored, scales decoded as zeros, rotation dropped or to the wrong frames."""
+    src, dtype = make_qvg_source(combo), QVG_COMBOS[combo][5]
+    self.assertIsNone(pallas_gpu.unsupported(src))
+    q = make_q('ragged', dtype)
+    for blocks in ((None, None), (16, 16)):
+      out = self._check(q, src, dtype, blocks, f'{combo}/{blocks}')
+    wrong = {
+        'wrong_span_table': src.replace(shared_index=1 - src.shared_index),
+        'ids_ignored': src.replace(k={**src.k, 'ids': jnp.zeros_like(src.k['ids'])}),
+        'scales_zero': src.replace(k={**src.k, 'scale': jnp.zeros_like(src.k['scale'])},
+                                   v={**src.v, 'scale': jnp.zeros_like(src.v['scale'])}),
+    }
+    if src.rope is not None:
+      wrong['rotation_dropped'] = src.replace(rope=None, positions=None)
+      wrong['positions_plus_one'] = src.replace(positions=src.positions + 1)
+    for name, bad in wrong.items():
+      err = per_row_rel(out, _walk(q, bad, SCALE)[0])
+      self.assertTrue(caught(err, 100 * TOL[dtype]), f'negative control {name}: err {err:.3g}')
+
+  @parameterized.named_parameters(('float32', 'float32'), ('bfloat16', 'bfloat16'))
+  def test_prerope_dense_matches_reference(self, dtype):
+    """A dense pre-RoPE source (QVG's BF16 tail): the kernel rotates each key tile."""
+    src = make_prerope_dense_source(dtype)
+    self.assertIsNone(pallas_gpu.unsupported(src))
+    q = make_q('ragged', dtype)
+    out = self._check(q, src, dtype, (16, 16), f'prerope/{dtype}')
+    err = per_row_rel(out, _walk(q, src.replace(rope=None, positions=None), SCALE)[0])
+    self.assertTrue(caught(err, 100 * TOL[dtype]), f'rotation dropped: err {err:.3g}')
+
+
 class PallasSourceAttentionInterpretTest(PallasSourceAttentionTest):
   INTERPRET = True
 
@@ -505,6 +584,12 @@ class UnsupportedTest(parameterized.TestCase):
     h96 = Source(k=x96, v=x96, layer=jnp.int32(0), index=jnp.arange(R, dtype=jnp.int32),
                  num_chunks=jnp.int32(R), kfmt=d, vfmt=d, chunk_tokens=24)
     self.assertIn('head_dim 96', pallas_gpu.unsupported(h96))
+    qvg = make_qvg_source('qvg2_fp8_pre_f32')
+    self.assertIn('shared fields', pallas_gpu.unsupported(
+        qvg.replace(k_shared=None, shared_index=qvg.shared_index)))
+    bad_table = {'centroids': qvg.k_shared['centroids'][..., :4, :]}
+    self.assertIn('centroids', pallas_gpu.unsupported(qvg.replace(k_shared=bad_table)))
+    self.assertIn('RoPE grid', pallas_gpu.unsupported(qvg.replace(rope=RopeGrid(32, 5, 8))))
     with self.assertRaisesRegex(ValueError, 'nested'):
       pallas_gpu.source_attention(make_q('s24', 'float32'), nested, SCALE, interpret=True)
 
@@ -537,6 +622,12 @@ class CrossLoweringTest(parameterized.TestCase):
     for dtype in ('bfloat16', 'float32'):
       text = self._lower(src, make_q('ragged', dtype), POOL_GEOMS[tier][2])
       self.assertIn(TRITON_CALL, text, f'pool/{tier}/{dtype}')
+
+  @parameterized.named_parameters(*[(c, c) for c in QVG_COMBOS])
+  def test_qvg_lowers_to_triton(self, combo):
+    src = make_qvg_source(combo)
+    text = self._lower(src, make_q('ragged', QVG_COMBOS[combo][5]), (16, 16))
+    self.assertIn(TRITON_CALL, text, combo)
 
   def test_lowers_with_small_tiles_and_no_bias(self):
     src = make_source('kivi2', 'tiles').replace(bias=None)
