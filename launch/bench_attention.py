@@ -37,6 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kvjax import cache as kvcache  # noqa: E402
 from kvjax import kernels  # noqa: E402
 from kvjax.cache import codecs as C  # noqa: E402
+from kvjax.cache.qvg import QVGCodec  # noqa: E402
+from kvjax.kernels.rope import RopeGrid  # noqa: E402
 from kvjax.kernels import pallas_gpu, reference  # noqa: E402
 from launch import bench_methods  # noqa: E402  (paired step timing, shared)
 
@@ -54,20 +56,62 @@ FORMATS = {
     'quarot_int4': (C.Rotated(C.SymRTN(4)), C.Rotated(C.SymRTN(4))),
     'prq_int4': (C.PRQ(4, 4), C.PRQ(4, 4)),
     'prq_int2': (C.PRQ(2, 2), C.PRQ(2, 2)),
+    # QVG (beyond the study): 256 centroids per 3-frame span, FP8 scales; pre-RoPE keys are
+    # rotated per key tile in the kernel (the default), post-RoPE keys are not.
+    'qvg_int2_prerope': (QVGCodec(2), QVGCodec(2)),
+    'qvg_int2': (QVGCodec(2), QVGCodec(2)),
+    'qvg_int4': (QVGCodec(4), QVGCodec(4)),
+    'bf16_prerope': (C.Dense(jnp.bfloat16), C.Dense(jnp.bfloat16)),   # QVG's exact tail
 }
+PRE_ROPE = ('qvg_int2_prerope', 'bf16_prerope')
+QVG_SPAN = 3                      # frames per span in the kernel table
 
 MIN_SAMPLE_S = 0.05
 
 
-def make_source(kc, vc, b, r, p, n, h, seed=0) -> kernels.Source:
-  """A one-layer source of ``r`` records of ``p`` tokens encoded from random bf16 K/V."""
+def _grid(p: int) -> tuple[int, int]:
+  """A token grid of p tokens for RoPE tables (30 x 52 at Wan's 1,560)."""
+  hh = max(d for d in range(1, int(p**0.5) + 1) if p % d == 0)
+  return hh, p // hh
+
+
+def make_source(kc, vc, b, r, p, n, h, seed=0, pre_rope=False) -> kernels.Source:
+  """A one-layer source of ``r`` records of ``p`` tokens encoded from random bf16 K/V (QVG:
+  spans of ``QVG_SPAN`` frames with their shared centroid tables)."""
   rng = np.random.default_rng(seed)
   x = lambda: jnp.asarray(rng.standard_normal((b, r, p, n, h)), jnp.bfloat16)  # noqa: E731
-  k, v = jax.jit(kc.encode)(x()), jax.jit(vc.encode)(x())
+  extra = {}
+  if isinstance(kc, QVGCodec):
+    spans = r // QVG_SPAN
+    enc = jax.jit(kc.encode_span)
+
+    def encode(xs):
+      parts = [enc(xs[:, i * QVG_SPAN:(i + 1) * QVG_SPAN], jax.random.PRNGKey(i))
+               for i in range(spans)]
+      rec = {f: jnp.concatenate([pt[0][f] for pt in parts], 1) for f in parts[0][0]}
+      shared = {f: jnp.concatenate([pt[1][f] for pt in parts], 1)[None] for f in parts[0][1]}
+      return rec, shared
+    (k, ks), (v, vs) = encode(x()), encode(x())
+    extra = dict(k_shared=ks, v_shared=vs,
+                 shared_index=jnp.arange(r, dtype=jnp.int32) // QVG_SPAN)
+  else:
+    k, v = jax.jit(kc.encode)(x()), jax.jit(vc.encode)(x())
+  if pre_rope:
+    extra.update(rope=RopeGrid(h, *_grid(p)), positions=jnp.arange(r, dtype=jnp.int32))
   return kernels.Source(k={n_: a[None] for n_, a in k.items()},
                         v={n_: a[None] for n_, a in v.items()}, layer=jnp.int32(0),
                         index=jnp.arange(r, dtype=jnp.int32), num_chunks=jnp.int32(r), kfmt=kc,
-                        vfmt=vc, chunk_tokens=p)
+                        vfmt=vc, chunk_tokens=p, **extra)
+
+
+def qvg_encode_ms(args, frames: int, bits: int) -> float:
+  """Median ms of one jitted QVG span encode (k-means + residual) of K or V [1, frames, P, N, H]."""
+  codec = QVGCodec(bits)
+  x = jnp.asarray(np.random.default_rng(3).standard_normal(
+      (1, frames, args.frame_tokens, args.heads, args.head_dim)), jnp.bfloat16)
+  enc = jax.jit(codec.encode_span)
+  key = jax.random.PRNGKey(0)
+  return time_fn(lambda: enc(x, key), args.repeats) * 1e3
 
 
 def time_fn(f, repeats: int) -> float:
@@ -103,7 +147,7 @@ def bench_kernels(args, formats) -> dict:
   scale = 1.0 / h**0.5
   for name in formats:
     kc, vc = FORMATS[name]
-    src = make_source(kc, vc, b, r, p, n, h)
+    src = make_source(kc, vc, b, r, p, n, h, pre_rope=name in PRE_ROPE)
     reason = pallas_gpu.unsupported(src)
     row = {}
     if reason is None:
@@ -115,10 +159,47 @@ def bench_kernels(args, formats) -> dict:
     if args.xla_walk:
       walk = jax.jit(lambda q, src: reference.walk(q, src, scale))
       row['xla_walk_ms'] = time_fn(lambda: walk(q, src), args.repeats) * 1e3
-    row['kv_bytes'] = int(sum(x.nbytes for x in jax.tree.leaves((src.k, src.v))))
+    stored = (src.k, src.v, src.k_shared, src.v_shared)          # QVG: centroid tables too
+    row['kv_bytes'] = int(sum(x.nbytes for x in jax.tree.leaves(stored)))
     rows[name] = row
     print(f'{name:20s} {row}', file=sys.stderr, flush=True)
-  return dict(shape=dict(batch=b, query_tokens=t, cached_tokens=s, heads=n, head_dim=h), rows=rows)
+  encode = {}
+  if any(isinstance(FORMATS[f][0], QVGCodec) for f in formats):
+    for frames in sorted({QVG_SPAN, args.qvg_span_frames}):
+      for bits in (2, 4):
+        encode[f'qvg_int{bits}_span{frames}'] = qvg_encode_ms(args, frames, bits)
+        print(f'QVG encode int{bits}, {frames}-frame span: {encode[f"qvg_int{bits}_span{frames}"]:.2f} ms',
+              file=sys.stderr, flush=True)
+  return dict(shape=dict(batch=b, query_tokens=t, cached_tokens=s, heads=n, head_dim=h), rows=rows,
+              qvg_encode_ms=encode)
+
+
+def tune(args, formats) -> dict:
+  """Kernel ms per (block_q, block_k, num_warps, num_stages) for a few formats."""
+  b, n, h, p = 1, args.heads, args.head_dim, args.frame_tokens
+  t, r = args.query_frames * p, args.history_frames
+  gpu = jax.default_backend() == 'gpu'
+  q = jnp.asarray(np.random.default_rng(1).standard_normal((b, t, n, h)), jnp.bfloat16)
+  scale = 1.0 / h**0.5
+  out = {}
+  for name in formats:
+    kc, vc = FORMATS[name]
+    src = make_source(kc, vc, b, r, p, n, h, pre_rope=name in PRE_ROPE)
+    for bq in (64, 128):
+      for bk in (32, 64, 128):
+        for warps in (4, 8):
+          for stages in (2, 3):
+            key = f'{name} bq={bq} bk={bk} warps={warps} stages={stages}'
+            try:
+              kern = jax.jit(lambda q, src, bq=bq, bk=bk, w=warps, st=stages:
+                             pallas_gpu.source_attention(q, src, scale, interpret=not gpu,
+                                                         block_q=bq, block_k=bk, num_warps=w,
+                                                         num_stages=st))
+              out[key] = time_fn(lambda: kern(q, src), args.repeats) * 1e3
+            except Exception as e:  # a configuration Triton rejects (registers, shared memory)
+              out[key] = f'failed: {type(e).__name__}'
+            print(f'[tune] {key}: {out[key]}', file=sys.stderr, flush=True)
+  return out
 
 
 def bench_e2e(args, methods) -> dict:
@@ -148,6 +229,13 @@ def markdown(raw: dict) -> str:
     walk = f'{r["xla_walk_ms"]:.3f}' if 'xla_walk_ms' in r else ''
     lines.append(f'| {name} | {r["ms"]:.3f} | {r["tflops"]:.3g} | {r["ratio"]:.2f} | {walk} | '
                  f'{r.get("kv_bytes", "")} |')
+  if k.get('qvg_encode_ms'):
+    lines += ['\n| QVG span encode (K or V, k-means + residual) | ms |', '|---|---:|']
+    lines += [f'| {name} | {ms:.2f} |' for name, ms in k['qvg_encode_ms'].items()]
+  if raw.get('tune'):
+    lines += ['\n| kernel configuration | ms |', '|---|---:|']
+    lines += [f'| {name} | {v if isinstance(v, str) else f"{v:.3f}"} |'
+              for name, v in raw['tune'].items()]
   if raw.get('e2e'):
     lines += [f'\n### End to end, `{raw["e2e_config"]}`, impl={raw["impl"]}\n',
               '| method | denoise ms | x BF16 | context ms | x BF16 | KV bytes | peak bytes |',
@@ -172,12 +260,16 @@ def main(argv=None) -> dict:
   ap.add_argument('--impl', default='auto', choices=kernels.IMPLS)
   ap.add_argument('--repeats', type=int, default=5)
   ap.add_argument('--xla_walk', action='store_true', help='also time the XLA walk per format')
+  ap.add_argument('--qvg_span_frames', type=int, default=24,
+                  help='also time the QVG encode of a span of this many frames')
+  ap.add_argument('--tune', default='', help='comma list of formats to sweep kernel tile sizes on')
   ap.add_argument('--out', default=None, help='write the markdown tables here too')
   ap.add_argument('--json', default=None, help='write raw numbers as JSON')
   args = ap.parse_args(argv)
   if args.small:
     args.frame_tokens, args.history_frames, args.query_frames = 64, 3, 1
     args.heads, args.head_dim, args.e2e_config, args.repeats = 2, 64, 'tiny', 2
+    args.qvg_span_frames = 3
   formats = sorted(FORMATS) if args.formats == 'all' else args.formats.split(',')
   unknown = sorted(set(formats) - set(FORMATS))
   if unknown:
@@ -191,6 +283,8 @@ def main(argv=None) -> dict:
   raw = dict(backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
              impl=args.impl, e2e_config=args.e2e_config)
   raw['kernels'] = bench_kernels(args, formats)
+  if args.tune:
+    raw['tune'] = tune(args, args.tune.split(','))
   raw['e2e'] = bench_e2e(args, methods) if methods else {}
   bench_methods.write_outputs(markdown(raw), raw, args.out, args.json)
   return raw
