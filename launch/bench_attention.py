@@ -151,7 +151,9 @@ def bench_kernels(args, formats) -> dict:
     reason = pallas_gpu.unsupported(src)
     row = {}
     if reason is None:
-      kern = jax.jit(lambda q, src: pallas_gpu.source_attention(q, src, scale, interpret=not gpu))
+      kern = jax.jit(lambda q, src: pallas_gpu.source_attention(
+          q, src, scale, interpret=not gpu, block_q=args.block_q, block_k=args.block_k,
+          num_warps=args.num_warps, num_stages=args.num_stages))
       sec = time_fn(lambda: kern(q, src), args.repeats)
       row.update(ms=sec * 1e3, tflops=flops / sec / 1e12, ratio=base / sec)
     else:
@@ -262,6 +264,10 @@ def main(argv=None) -> dict:
   ap.add_argument('--xla_walk', action='store_true', help='also time the XLA walk per format')
   ap.add_argument('--qvg_span_frames', type=int, default=24,
                   help='also time the QVG encode of a span of this many frames')
+  ap.add_argument('--block_q', type=int, default=None, help='kernel query tile (default: the kernel\'s)')
+  ap.add_argument('--block_k', type=int, default=None, help='kernel key tile')
+  ap.add_argument('--num_warps', type=int, default=None)
+  ap.add_argument('--num_stages', type=int, default=None)
   ap.add_argument('--tune', default='', help='comma list of formats to sweep kernel tile sizes on')
   ap.add_argument('--out', default=None, help='write the markdown tables here too')
   ap.add_argument('--json', default=None, help='write raw numbers as JSON')

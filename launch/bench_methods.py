@@ -41,10 +41,12 @@ from kvjax.sampler import SelfForcing  # noqa: E402
 REFERENCE = kvcache.BF16.name  # the baseline every method is timed and sized against
 
 
-def prepare(config_name: str, method: str, params_cache: dict, impl: str = 'xla'):
-  """Compiled step functions of ``method`` (attention ``impl``) and a cache filled up to the
-  last block."""
-  s = run.resolve(get_config(config_name), method=method, reference='none')
+def prepare(config_name: str, method: str, params_cache: dict, impl: str = 'xla',
+            method_args: str | None = None):
+  """Compiled step functions of ``method`` (attention ``impl``, parameter overrides
+  ``method_args``) and a cache filled up to the last block."""
+  s = run.resolve(get_config(config_name), method=method, reference='none',
+                  method_args=method_args)
   cfg = s.model_cfg
   if config_name not in params_cache:
     params_cache[config_name] = ckpt.init_params(cfg, 0)
@@ -123,8 +125,8 @@ def time_against(ref: dict, run_: dict, repeats: int) -> dict:
   return out
 
 
-def plan_method(method: str, config_name: str) -> dict:
-  s = run.resolve(get_config(config_name), method=method)
+def plan_method(method: str, config_name: str, method_args: str | None = None) -> dict:
+  s = run.resolve(get_config(config_name), method=method, method_args=method_args)
   p = run.plan(s)
   out = dict(kv_bytes=p['kv_cache_bytes'], bf16_bytes=p['bf16_kv_cache_bytes'],
              ratio=p['compression_ratio'])

@@ -44,7 +44,8 @@ Dequantization (``formats.py`` arithmetic, mirrored op for op):
     float32 accumulation: exact, one nonzero term per element) and the tile becomes
     where(hit, val, tile). Unused slots (any index outside [0, P*N*H); the codec writes P*N*H)
     and ``dropped`` are never read; a record's indices are distinct (as the codec writes them).
-    Cost estimate at Wan shapes (P=1560, N=12, H=128, cap=4793 a frame, 64-token key tiles;
+    Cost estimate at Wan shapes (P=1560, N=12, H=128, cap=4793 a frame, 64-token key tiles (the
+    default is 32 since it was measured: half the outliers per tile);
     not measured, no GPU here): 4793 / (12 heads x 25 tiles) = ~16 outliers per (head, tile) on
     average, so typically one step per tensor and tile: two [64,16]x[16,128] fp16 dots (0.26M
     MACs, vs 2M for the tile's QK and PV dots), ~5K compares and one [64,128] select (vs

@@ -51,13 +51,17 @@ f32 = jnp.float32
 NEG_INF = float('-inf')
 Q_DTYPES = DENSE_DTYPES
 
-# Defaults for H100 (head_dim 128, bf16 queries). A larger query block amortizes the in-register
-# dequantization (done once per key tile and query block). With the pip triton 3.8 compiler for
-# sm_90 (not the jaxlib-bundled one), H=128, 128x64 tiles and 8 warps use 240-251 registers, no
-# spills, 74-115 KiB shared memory across the formats (Residual the largest), wgmma for the dots.
+# Defaults measured on an H100 (jax 0.11.2, 2026-11-26; BUILD.md "Attention kernels"): at
+# Self-Forcing shapes (4,680 queries, 18 frames of 1,560 keys, 12 x 128, bf16), 128 x 32 tiles
+# with 4 warps and 3 pipeline stages beat the earlier 128 x 64 / 8 warps / 2 stages on every typed
+# format (bf16 4.78 -> 3.40 ms, INT4 6.94 -> 4.84, INT2 7.50 -> 5.41, PRQ_INT4 9.11 -> 8.83). QVG
+# sources (shared centroid tables) are faster with 2 stages (3 stages: 17.6 -> 32 ms pre-RoPE;
+# 64-key tiles with 3 stages do not compile). Byte-pool and outlier sources were not timed at 3
+# stages and keep 2.
 DEFAULT_BLOCK_Q = 128
-DEFAULT_BLOCK_K = 64
-DEFAULT_NUM_STAGES = 2
+DEFAULT_BLOCK_K = 32
+DEFAULT_NUM_STAGES = 3
+SAFE_NUM_STAGES = 2     # QVG, byte pools, exact outliers
 
 __all__ = ['source_attention', 'unsupported']
 
@@ -283,8 +287,9 @@ def source_attention(q: jax.Array, src: Source, scale: float, *, interpret: bool
     src: a source ``unsupported(src)`` accepts (typed records or a byte pool, any format
       listed there, with or without exact outliers). scale: logit scale (static float).
     interpret: run the kernel in the Pallas interpreter (the only mode on CPU).
-    block_q, block_k: powers of two >= 16 (default 128 / 64, clamped to the problem size).
-    num_warps, num_stages: Triton launch parameters (default 8 for 128x64 tiles, else 4 / 2).
+    block_q, block_k: powers of two >= 16 (default 128 / 32, clamped to the problem size).
+    num_warps, num_stages: Triton launch parameters (default 8 for tiles of >= 128x64, else 4;
+      3 stages, 2 for QVG, byte-pool and outlier sources).
   Returns:
     out [B, T, N, H] float32 (zeros where nothing was attended), lse [B, N, T] float32 (-inf).
   """
@@ -352,8 +357,10 @@ def _source_attention(q, src, *, scale, interpret, block_q, block_k, num_warps, 
   grid = (bsz * n_heads, pl.cdiv(t_len, bq))
   if num_warps is None:
     num_warps = 8 if bq * bk >= 128 * 64 else 4
-  params = plgpu.CompilerParams(num_warps=num_warps,
-                                num_stages=num_stages or DEFAULT_NUM_STAGES)
+  if num_stages is None:
+    plain = src.pool is None and not shared and not (kplan.outliers or vplan.outliers)
+    num_stages = DEFAULT_NUM_STAGES if plain else SAFE_NUM_STAGES
+  params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
   out, lse = pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=interpret,
                             compiler_params=params, name='kvjax_source_attention')(*inputs)
   return out, lse
