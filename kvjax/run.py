@@ -192,6 +192,7 @@ def resolve(config: ml_collections.ConfigDict, *, method: str = 'bf16',
                    total_frames=frames,
                    rope=RopeGrid(model_cfg.head_dim, height // ph, width // pw,
                                  model_cfg.rope_max_frames, model_cfg.rope_theta))
+  jax.eval_shape(lambda: m.init(spec))   # the method's geometry errors, before any work
   config.video.num_latent_frames = frames
   config.video.batch_size = batch
   config.video.latent_height, config.video.latent_width = height, width

@@ -79,3 +79,15 @@ def test_qvg_runs_on_packed_storage(name, args, frames, window, sink, heads, tmp
   for c in compiled:
     assert full_extent_float_arrays(c.as_text(), s.spec.frame_tokens, s.method.slot_counts(s.spec),
                                     s.spec.block_frames, s.spec.num_heads) == []
+
+
+@pytest.mark.parametrize('args,frames,sink,phrase', [
+    ('span_frames=24', None, None, 'does not fit'),           # the official span on tiny
+    ('span_frames=2', None, None, 'multiple of the block'),
+    (None, 12, 1, 'whole spans'),                             # a sink frame inside a span
+])
+def test_qvg_geometry_errors_before_any_work(args, frames, sink, phrase, tmp_path):
+  with pytest.raises(ValueError, match=phrase):
+    run.resolve(get_config('tiny'), method='QVG_INT2', method_args=args, num_latent_frames=frames,
+                window_frames=9 if sink else None, sink_frames=sink, outdir=str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()

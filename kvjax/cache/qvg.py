@@ -231,10 +231,11 @@ class QVG(CacheMethod):
     no_eviction = spec.total_frames and spec.window_frames >= spec.total_frames
     spans = cap // sp if no_eviction else (cap - tail) // sp
     if spans < 1:
+      need = (f'{sp} (one span)' if no_eviction or not tail
+              else f'{sp + tail} (one span plus its {tail}-frame BF16 tail)')
       raise ValueError(
           f'{self.name}: span_frames={sp} does not fit: the cache holds {cap} history frames and '
-          f'a span needs {sp + (0 if no_eviction else tail)} (the span plus its {tail}-frame BF16 '
-          f'tail); use a smaller span_frames (e.g. {bf}) or a larger window')
+          f'needs {need}; use a smaller span_frames (e.g. {bf}) or a larger window')
     if spec.sink_frames % sp:
       raise ValueError(f'{self.name}: sink_frames={spec.sink_frames} must be whole spans of '
                        f'{sp} frames')
