@@ -129,26 +129,30 @@ KERNEL_FALLBACK = set()
 SPEC64 = dataclasses.replace(SPEC, head_dim=64)
 
 
-@pytest.mark.parametrize('name', kvcache.PAPER_NAMES)
-def test_pallas_equals_xla(name):
-  """impl='pallas' (the Pallas kernel in interpret mode on CPU) gives the attention of
-  impl='xla' after every block of every method (float32 cache: 1e-5 per row); the sources the
-  kernel reads are exactly those outside the documented fallback list."""
-  m = kvcache.get(name)
-  rng = np.random.default_rng(7)
+def _pallas_equals_xla(m, spec, fallback: bool, seed: int):
+  """After every block, impl='pallas' (interpret mode on CPU) gives impl='xla''s attention
+  (float32 cache: 1e-5 per row), and the kernel reads every source unless ``fallback``."""
+  rng = np.random.default_rng(seed)
   srcs = jax.jit(lambda s: m.sources(s, jnp.int32(1)))
   xla = jax.jit(lambda s, q: m.attend(s, jnp.int32(1), q, 'xla'))
   pallas = jax.jit(lambda s, q: m.attend(s, jnp.int32(1), q, 'pallas'))
 
   def check(state, b):
-    assert bool(kernels.fallbacks(srcs(state))) == (name in KERNEL_FALLBACK)
+    assert bool(kernels.fallbacks(srcs(state))) == fallback
     q = jnp.asarray(rng.standard_normal((1, 7, 2, 64)).astype(np.float32))
     want, lse_want = xla(state, q)
     got, lse = pallas(state, q)
     assert _per_row_rel(got, want) <= 1e-5, b
     np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_want), rtol=1e-5, atol=1e-5)
 
-  _run(m, spec=SPEC64, check=check)
+  _run(m, spec=spec, check=check)
+
+
+@pytest.mark.parametrize('name', kvcache.PAPER_NAMES)
+def test_pallas_equals_xla(name):
+  """Every study method: the kernel equals the XLA walk; the sources the kernel reads are
+  exactly those outside the documented fallback list."""
+  _pallas_equals_xla(kvcache.get(name), SPEC64, name in KERNEL_FALLBACK, 7)
 
 
 @pytest.mark.parametrize('name,params,window,sink', [
@@ -161,21 +165,7 @@ def test_qvg_pallas_equals_xla(name, params, window, sink):
   tables shared by a span's frames, pre-RoPE keys rotated per chunk, the BF16 tail."""
   spec = dataclasses.replace(SPEC64, window_frames=window, sink_frames=sink,
                              rope=RopeGrid(64, 5, 8))
-  m = kvcache.get(name, **params)
-  rng = np.random.default_rng(5)
-  srcs = jax.jit(lambda s: m.sources(s, jnp.int32(1)))
-  xla = jax.jit(lambda s, q: m.attend(s, jnp.int32(1), q, 'xla'))
-  pallas = jax.jit(lambda s, q: m.attend(s, jnp.int32(1), q, 'pallas'))
-
-  def check(state, b):
-    assert kernels.fallbacks(srcs(state)) == []
-    q = jnp.asarray(rng.standard_normal((1, 7, 2, 64)).astype(np.float32))
-    want, lse_want = xla(state, q)
-    got, lse = pallas(state, q)
-    assert _per_row_rel(got, want) <= 1e-5, b
-    np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_want), rtol=1e-5, atol=1e-5)
-
-  _run(m, spec=spec, check=check)
+  _pallas_equals_xla(kvcache.get(name, **params), spec, False, 5)
 
 
 @pytest.mark.parametrize('name', ['RTN_INT4', 'KIVI_INT4', 'QUAROT_KV_INT4', 'PRQ_INT4', 'AGE_TIER_INT2',
