@@ -14,8 +14,9 @@ last frame arrives, and never re-encoded:
 2. ``stages`` = S repeats of step 1 on the residual (1 in the official Self-Forcing run; 4 is
    QVG-Pro).
 3. The final residual is quantized symmetrically per (token, head, 64-channel group):
-   scale = E4M3(max(amax / q_max, 1e-10)) (saturated at 448), q = clamp(round half away(r /
-   scale), +-q_max), stored u = q + q_max (INT2 uses only {0, 1, 2}). A scale that rounds to 0
+   scale = E4M3(max(amax / q_max, 1e-10)) (saturated at 448; fp16 scales at 65504),
+   q = clamp(round half away(r / scale), +-q_max), stored u = q + q_max (INT2 uses only
+   {0, 1, 2}). A scale that rounds to 0
    (amax < ~2^-10 q_max) stores u = q_max, so the group decodes to exactly 0, which is what the
    official kernel's division by zero ends in, without the NaN.
 
@@ -110,12 +111,12 @@ def residual_quantize(r: jax.Array, fmt: F.QVG) -> dict[str, jax.Array]:
   rf = r.astype(f32)
   g = rf.reshape(*rf.shape[:-1], rf.shape[-1] // fmt.group, fmt.group)
   amax = jnp.max(jnp.abs(g), axis=-1)
-  raw = jnp.minimum(jnp.maximum(amax / qmax, MIN_SCALE), F.E4M3_MAX)
+  raw = jnp.maximum(amax / qmax, MIN_SCALE)
   if fmt.scale_dtype == 'float8_e4m3fn':
-    stored = raw.astype(jnp.float8_e4m3fn)
+    stored = jnp.minimum(raw, F.E4M3_MAX).astype(jnp.float8_e4m3fn)    # saturate, never NaN
     bits = jax.lax.bitcast_convert_type(stored, jnp.uint8)
   else:
-    stored = raw.astype(jnp.float16)
+    stored = jnp.minimum(raw, float(jnp.finfo(jnp.float16).max)).astype(jnp.float16)
     bits = to_storage(stored, jnp.float16)
   scale = stored.astype(f32)[..., None]
   y = g / jnp.where(scale > 0, scale, 1.0)
@@ -272,9 +273,11 @@ class QVG(CacheMethod):
     slot = ring_slot(span_index, g.spans, g.sink_spans)
     out = {}
     for name, x, rec_f, sh_f in (('k', xk, state.k, state.kc), ('v', xv, state.v, state.vc)):
-      rec, shared = c.encode_span(x.astype(spec.dtype), jax.random.fold_in(key, int(name == 'v')))
+      rec, shared = c.encode_span(x.astype(spec.dtype),
+                                  jax.random.fold_in(key, int(name == 'v')))
       for i in range(g.span):
-        rec_f = write_record(rec_f, layer, slot * g.span + i, {f: a[:, i:i + 1] for f, a in rec.items()})
+        frame = {f: a[:, i:i + 1] for f, a in rec.items()}
+        rec_f = write_record(rec_f, layer, slot * g.span + i, frame)
       out[name] = (rec_f, write_record(sh_f, layer, slot, shared))
     return state.replace(k=out['k'][0], kc=out['k'][1], v=out['v'][0], vc=out['v'][1])
 
@@ -309,9 +312,9 @@ class QVG(CacheMethod):
       packed = jax.lax.cond(offset + bf == g.span, complete, lambda st: st, state)
       token = packed.k['scale'][layer, 0, 0, 0, 0, 0].astype(f32)
       start = (layer, 0, ordered_after(jnp.minimum(offset, g.tail - bf), token), 0, 0, 0)
-      state = packed.replace(
-          tail_k=jax.lax.dynamic_update_slice(state.tail_k, to_storage(xk, spec.dtype)[None], start),
-          tail_v=jax.lax.dynamic_update_slice(state.tail_v, to_storage(xv, spec.dtype)[None], start))
+      write = lambda tail, x: jax.lax.dynamic_update_slice(  # noqa: E731
+          tail, to_storage(x, spec.dtype)[None], start)
+      state = packed.replace(tail_k=write(state.tail_k, xk), tail_v=write(state.tail_v, xv))
     return state.replace(frames=state.frames.at[layer].set(s + bf))
 
   # ------------------------------------------------------------------ read

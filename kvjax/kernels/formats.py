@@ -382,7 +382,8 @@ class QVG(Format):
     if self.bits not in QVG_BITS:
       raise ValueError(f'unsupported QVG bits={self.bits}; valid: {list(QVG_BITS)}')
     if not isinstance(self.centroids, (int, np.integer)) or not 1 <= self.centroids <= 256:
-      raise ValueError(f'QVG centroids={self.centroids!r} must be in [1, 256] (cluster ids are uint8)')
+      raise ValueError(f'QVG centroids={self.centroids!r} must be in [1, 256] '
+                       '(cluster ids are uint8)')
     if not isinstance(self.stages, (int, np.integer)) or self.stages < 1:
       raise ValueError(f'QVG stages={self.stages!r} must be an integer >= 1')
     check_group(self.group)

@@ -109,7 +109,7 @@ class RopeGrid:
     return self.height * self.width
 
   def frame_angles(self, frame: jax.Array | int) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [height * width, head_dim // 2] float32 of the tokens of absolute frame ``frame``."""
+    """cos, sin [height * width, head_dim // 2] float32 of the tokens of frame ``frame``."""
     return block_angles(frame, 1, self.height, self.width, head_dim=self.head_dim,
                         max_pos=self.max_pos, theta=self.theta)
 
