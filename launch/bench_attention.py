@@ -82,6 +82,8 @@ def make_source(kc, vc, b, r, p, n, h, seed=0, pre_rope=False) -> kernels.Source
   x = lambda: jnp.asarray(rng.standard_normal((b, r, p, n, h)), jnp.bfloat16)  # noqa: E731
   extra = {}
   if isinstance(kc, QVGCodec):
+    if r % QVG_SPAN:
+      raise ValueError(f'QVG formats need history_frames divisible by {QVG_SPAN} (got {r})')
     spans = r // QVG_SPAN
     enc = jax.jit(kc.encode_span)
 

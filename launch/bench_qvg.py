@@ -46,7 +46,7 @@ from configs.self_forcing import get_config  # noqa: E402
 from kvjax import cache as kvcache  # noqa: E402
 from kvjax import checkpoint as ckpt  # noqa: E402
 from kvjax import run  # noqa: E402
-from kvjax.cache.qvg import QVGCodec  # noqa: E402
+from kvjax.cache.ring import ring_frame  # noqa: E402
 from kvjax.kernels import rope  # noqa: E402
 from launch import bench_methods  # noqa: E402
 
@@ -96,14 +96,14 @@ def rope_reconstruction(config: str, centroids: int, bits: int = 2) -> dict:
                                                            s.model_cfg.text_dim)))
   _, cache, _ = run._rollout(s, kvcache.BF16(), params, noise, text, gdef, 'BF16', None)
   spec, grid, bf = s.spec, s.spec.rope, s.spec.block_frames
-  codec = QVGCodec(bits, centroids, 1, min(64, spec.head_dim), 'float8_e4m3fn', spec.dtype)
+  codec = kvcache.get(f'QVG_INT{bits}', centroids=centroids).codec(spec.dtype, spec.head_dim)
   enc = jax.jit(lambda x, key: codec.decode(codec.encode(x, {'key': key}), jnp.float32))
   err = {'pre': [0.0, 0.0], 'post': [0.0, 0.0]}
   if spec.sink_frames:
     raise ValueError(f'--rope_config {config} has sink frames; use a config without')
   written, cap, p = int(cache.frames[0]), spec.capacity_frames, spec.frame_tokens
   slots = min(written, cap) // bf * bf
-  frame_of = lambda slot: written - 1 - (written - 1 - slot) % cap   # noqa: E731 (ring slot)
+  frame_of = lambda slot: int(ring_frame(slot, written, cap, 0))   # noqa: E731
   for layer in range(spec.num_layers):
     k, _, _ = kvcache.BF16().materialize(cache, layer)          # rotated keys [B, S, N, H]
     for blk in range(slots // bf):

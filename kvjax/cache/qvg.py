@@ -55,10 +55,9 @@ from kvjax import kernels
 from kvjax.cache.base import AppendInfo, CacheMethod, CacheSpec, ordered_after, tree_nbytes
 from kvjax.cache.codecs import Codec, Dense
 from kvjax.cache.registry import variant
-from kvjax.cache.ring import ring_slot, write_record
+from kvjax.cache.ring import ring_frame, ring_slot, write_record
 from kvjax.kernels import formats as F
 from kvjax.kernels import packing
-from kvjax.kernels.source import frame_at
 from kvjax.numerics import from_storage, storage_dtype, to_storage
 
 f32 = jnp.float32
@@ -132,7 +131,7 @@ class QVGCodec(F.QVG, Codec):
 
   ``iters``: k-means iterations; the PRNG key comes in ``aux['key']``.
   """
-  iters: int = 2
+  iters: int = 2                          # T (the method's ``iters`` passes its own)
 
   def encode_span(self, x: jax.Array, key: jax.Array) -> tuple[dict, dict]:
     b, nf, p, n, h = x.shape
@@ -192,12 +191,12 @@ class QVG(CacheMethod):
   family = 'QVG'
   in_study = False
   beyond_study = True
-  bits: int = 2
-  centroids: int = 256
-  stages: int = 1
+  bits: int = F.QVG.bits
+  centroids: int = F.QVG.centroids
+  stages: int = F.QVG.stages
   iters: int = 2
-  group: int = 64
-  scale_dtype: str = 'float8_e4m3fn'
+  group: int = F.QVG.group
+  scale_dtype: str = F.QVG.scale_dtype
   span_frames: int = 3
   rope: str = 'pre'
   seed: int = 0
@@ -230,7 +229,7 @@ class QVG(CacheMethod):
     tail = max(sp - bf, 0)
     cap = spec.capacity_frames
     no_eviction = spec.total_frames and spec.window_frames >= spec.total_frames
-    spans = cap // sp if no_eviction else (cap - tail) // sp
+    spans = (min(cap, spec.total_frames - bf) // sp if no_eviction else (cap - tail) // sp)
     if spans < 1:
       need = (f'{sp} (one span)' if no_eviction or not tail
               else f'{sp + tail} (one span plus its {tail}-frame BF16 tail)')
@@ -245,7 +244,10 @@ class QVG(CacheMethod):
       raise ValueError(f'{self.name}: sink_frames={spec.sink_frames} leaves no rolling span '
                        f'slot ({spans} spans of {sp} frames)')
     if self.pre_rope_keys:
-      spec.require_rope(self.name)
+      grid = spec.require_rope(self.name)
+      if spec.total_frames > grid.max_pos:
+        raise ValueError(f'{self.name}: rope=pre reads frames up to {spec.total_frames}, beyond '
+                         f'the RoPE table ({grid.max_pos} positions)')
     return Geometry(sp, tail, spans, sink_spans)
 
   def init(self, spec: CacheSpec) -> QVGState:
@@ -275,9 +277,7 @@ class QVG(CacheMethod):
     for name, x, rec_f, sh_f in (('k', xk, state.k, state.kc), ('v', xv, state.v, state.vc)):
       rec, shared = c.encode_span(x.astype(spec.dtype),
                                   jax.random.fold_in(key, int(name == 'v')))
-      for i in range(g.span):
-        frame = {f: a[:, i:i + 1] for f, a in rec.items()}
-        rec_f = write_record(rec_f, layer, slot * g.span + i, frame)
+      rec_f = write_record(rec_f, layer, slot * g.span, rec)       # the span's frames at once
       out[name] = (rec_f, write_record(sh_f, layer, slot, shared))
     return state.replace(k=out['k'][0], kc=out['k'][1], v=out['v'][0], vc=out['v'][1])
 
@@ -294,36 +294,34 @@ class QVG(CacheMethod):
         state = self._encode(state, layer, xk[:, part], xv[:, part], (s + i * g.span) // g.span)
     else:
       # The packed stores change only when the block completes its span (a cond over them
-      # alone); the block is then written into the tail unconditionally. After a span completes
-      # its staged frames are no longer read (the tail is empty), so the write may land on
-      # them. The write position depends on the cond's output so that XLA orders the write
-      # after the cond's read of the staged frames (else it copies the whole tail: 6 GB at 1.3B
-      # with 24-frame spans).
+      # alone). Otherwise the block is staged in the tail at its offset, by a scatter whose
+      # indices point past the tail (dropped) when the span completed, so a repeated context
+      # pass of the same block re-encodes the span from the same staged frames. The indices
+      # depend on the cond's output so that XLA orders the write after the cond's read of the
+      # staged frames (else it copies the whole tail: 6 GB at 1.3B with 24-frame spans).
       offset = s % g.span
+      complete = offset + bf == g.span
 
       def staged(tail):
-        return [from_storage(frame_at(tail, layer, i), spec.dtype) for i in range(g.tail)]
+        return from_storage(tail[layer], spec.dtype)                 # [B, tail, P, N, H]
 
-      def complete(st):
-        tk = jnp.concatenate(staged(st.tail_k) + [xk.astype(spec.dtype)], axis=1)
-        tv = jnp.concatenate(staged(st.tail_v) + [xv.astype(spec.dtype)], axis=1)
+      def encode(st):
+        tk = jnp.concatenate([staged(st.tail_k), xk.astype(spec.dtype)], axis=1)
+        tv = jnp.concatenate([staged(st.tail_v), xv.astype(spec.dtype)], axis=1)
         return self._encode(st, layer, tk, tv, s // g.span)
 
-      packed = jax.lax.cond(offset + bf == g.span, complete, lambda st: st, state)
+      packed = jax.lax.cond(complete, encode, lambda st: st, state)
       token = packed.k['scale'][layer, 0, 0, 0, 0, 0].astype(f32)
-      start = (layer, 0, ordered_after(jnp.minimum(offset, g.tail - bf), token), 0, 0, 0)
-      write = lambda tail, x: jax.lax.dynamic_update_slice(  # noqa: E731
-          tail, to_storage(x, spec.dtype)[None], start)
-      state = packed.replace(tail_k=write(state.tail_k, xk), tail_v=write(state.tail_v, xv))
+      first = ordered_after(jnp.where(complete, g.tail, offset), token)
+      rows = first + jnp.arange(bf, dtype=jnp.int32)
+
+      def stage(tail, x):
+        return tail.at[layer, :, rows].set(jnp.moveaxis(to_storage(x, spec.dtype), 1, 0),
+                                           mode='drop')
+      state = packed.replace(tail_k=stage(state.tail_k, xk), tail_v=stage(state.tail_v, xv))
     return state.replace(frames=state.frames.at[layer].set(s + bf))
 
   # ------------------------------------------------------------------ read
-  def _span_of_slot(self, g: Geometry, done, slot):
-    """Span index held by span slot ``slot`` after ``done`` spans were encoded."""
-    last = done - 1
-    rolling = g.spans - g.sink_spans
-    return jnp.where(slot < g.sink_spans, slot, last - jnp.mod(last - slot, rolling))
-
   def sources(self, state: QVGState, layer):
     spec = state.spec
     g = self.geometry(spec)
@@ -336,7 +334,8 @@ class QVG(CacheMethod):
     span_slot = slots // g.span
     positions = None
     if rope is not None:
-      positions = self._span_of_slot(g, done, span_slot) * g.span + slots % g.span
+      held = ring_frame(span_slot, done, g.spans, g.sink_spans)       # the span in each slot
+      positions = held * g.span + slots % g.span
     out = [kernels.Source(
         k=state.k, v=state.v, layer=layer, index=slots,
         num_chunks=jnp.minimum(done, g.spans) * g.span, k_shared=state.kc, v_shared=state.vc,

@@ -49,6 +49,14 @@ def ring_slot(frame, capacity: int, sink: int):
   return jnp.where(frame < sink, frame, sink + (frame - sink) % rolling)
 
 
+def ring_frame(slot, written, capacity: int, sink: int):
+  """Inverse of ``ring_slot``: the frame held by ``slot`` after frames [0, written) were stored
+  (the newest frame that maps to it; meaningful for slots < min(written, capacity))."""
+  last = written - 1
+  rolling = max(capacity - sink, 1)
+  return jnp.where(slot < sink, slot, last - jnp.mod(last - slot, rolling))
+
+
 def _write_frame(arr, layer, slot, val):
   """Writes val [B, 1, ...] into arr [L, B, C, ...] at (layer, :, slot)."""
   start = (layer, 0, slot) + (0,) * (arr.ndim - 3)

@@ -96,6 +96,10 @@ def sds(shape, dtype) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(tuple(int(s) for s in shape), jnp.dtype(dtype))
 
 
+def fields_bytes(fields: dict[str, jax.ShapeDtypeStruct]) -> int:
+  return sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in fields.values())
+
+
 def check_group(group: int):
   if not isinstance(group, (int, np.integer)) or group < 1:
     raise ValueError(f'unsupported group size {group!r}; valid: an integer >= 1 (the study uses 16)')
@@ -132,8 +136,7 @@ class Format:
 
   def record_bytes(self, p: int, n: int, h: int) -> int:
     """Bytes of one frame (batch 1) in this format."""
-    return sum(int(np.prod(s.shape)) * s.dtype.itemsize
-               for s in self.fields(1, 1, p, n, h).values())
+    return fields_bytes(self.fields(1, 1, p, n, h))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,8 +416,7 @@ class QVG(Format):
 
   def shared_bytes(self, n: int, h: int) -> int:
     """Bytes of one span's shared record (batch 1)."""
-    return sum(int(np.prod(s.shape)) * s.dtype.itemsize
-               for s in self.shared_fields(1, n, h).values())
+    return fields_bytes(self.shared_fields(1, n, h))
 
   def decode_scale(self, scale: jax.Array) -> jax.Array:
     if self.scale_dtype == 'float8_e4m3fn':

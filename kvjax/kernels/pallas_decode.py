@@ -138,7 +138,8 @@ class Reader:
     return jnp.where(mask, x, jnp.zeros_like(x))
 
   def grid(self, name: str, grp, cols):
-    """[.., nG, N, H] field at rows ``grp`` [block_k, 1], columns ``cols`` [1, w] of head n."""
+    """[.., rows, N, cols] field (grouped scales [.., nG, N, H]; QVG's per-token fields) at rows
+    ``grp`` [block_k, 1], columns ``cols`` [1, w] (or one column) of head n."""
     t = self.tile
     if self.pool_ref is None:
       return self.refs[name][t.layer, t.b, t.rec, grp, t.n, cols]
@@ -164,7 +165,7 @@ def _decode_qvg(rd: Reader, st: Stage, codes, c0: int, w: int, memo: dict):
     memo['qvg_rows'] = jnp.minimum(t.tok, t.s - 1)[:, None]              # [bk, 1] valid rows
   rows = memo['qvg_rows']
   cols = (c0 + lax.broadcasted_iota(jnp.int32, (w,), 0))[None, :]       # [1, w]
-  sbits = rd.refs['scale'][t.layer, t.b, t.rec, rows, t.n, cols // st.group]   # [bk, w]
+  sbits = rd.grid('scale', rows, cols // st.group)                     # [bk, w]
   scale = F.e4m3_decode(sbits) if st.fp8_scale else _f16_bits(sbits)
   resid = (codes.astype(f32) - float(2 ** (st.bits - 1) - 1)) * scale
   total = None
@@ -172,7 +173,7 @@ def _decode_qvg(rd: Reader, st: Stage, codes, c0: int, w: int, memo: dict):
   for i in range(st.cent_stages):
     key = ('qvg_ids', i)
     if key not in memo:
-      memo[key] = rd.refs['ids'][t.layer, t.b, t.rec, rows, t.n, i].astype(jnp.int32)  # [bk, 1]
+      memo[key] = rd.grid('ids', rows, i).astype(jnp.int32)              # [bk, 1]
     c = cent[t.layer, t.b, t.srec, i, t.n, memo[key], cols]                # [bk, w]
     c = (lax.bitcast_convert_type(c, st.dtype) if c.dtype != st.dtype else c).astype(f32)
     total = c if total is None else total + c

@@ -668,3 +668,28 @@ def test_bad_parameters_raise_with_what_is_valid():
   assert kvcache.get('QVG_INT2', span_frames=1).geometry(spec).spans == 21
   assert kvcache.get('QVG_INT2', span_frames=6).geometry(spec).tail == 3
   assert kvcache.get('QVG_INT2', centroids=256, scale_dtype='float16', rope='post').init(spec)
+
+
+def test_repeated_context_pass_re_encodes_the_same_span():
+  """A span-completing append repeated (the same block's context pass again) must re-encode the
+  span from the same staged frames: the state is unchanged. (The staged frames once got
+  overwritten by the completing block; frames 0-2 then decoded as frames 3-5.)"""
+  spec = CacheSpec(1, 1, 1, 32, 4, 3, 18, 0, jnp.bfloat16, 0, RopeGrid(32, 2, 2))
+  m = kvcache.get('QVG_INT2', span_frames=6)
+  k = jnp.asarray(np.random.default_rng(0).standard_normal((6, 4, 1, 32)), jnp.bfloat16)
+  app = jax.jit(lambda st, x, s: m.append(st, 0, x, x, AppendInfo(jnp.int32(s))))
+  blk = lambda s: k[s:s + 3].reshape(1, 12, 1, 32)   # noqa: E731
+  st = app(app(m.init(spec), blk(0), 0), blk(3), 3)
+  once = jax.tree.map(np.asarray, st)
+  twice = jax.tree.map(np.asarray, app(st, blk(3), 3))
+  for a, b in zip(jax.tree.leaves(once), jax.tree.leaves(twice)):
+    np.testing.assert_array_equal(a, b)
+  kk = np.asarray(m.materialize(st, 0)[0])[0, :, 0]                # pre-RoPE frames decoded
+  assert not np.allclose(kk[:12], kk[12:24], atol=0.05)           # frames 0-2 are not 3-5
+
+
+def test_pre_rope_beyond_the_rope_table_is_refused():
+  spec = CacheSpec(1, 1, 1, 32, 4, 3, 2000, 0, jnp.bfloat16, 2000, RopeGrid(32, 2, 2, 1024))
+  with pytest.raises(ValueError, match='RoPE table'):
+    kvcache.get('QVG_INT2').init(spec)
+  assert kvcache.get('QVG_INT2', rope='post').init(spec) is not None
