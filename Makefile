@@ -8,6 +8,7 @@ EXTRAS ?= torch,test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+	@echo "installing kvjax[$(EXTRAS)] and its dependencies into $(VENV) (2-3 min, quiet) ..."
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 

@@ -101,6 +101,9 @@ def write_tree(directory: str, meta: Mapping[str, Any], tree: Mapping) -> None:
 def read_meta(directory: str, fmt: str, what: str) -> dict:
   """Reads ``directory/config.json`` and checks its ``format`` is ``fmt``; errors name the file."""
   path = os.path.join(directory, 'config.json')
+  if os.path.isfile(directory):
+    raise ValueError(f'{directory} is a file, not a converted kvjax checkpoint folder; convert it '
+                     f'first: python -m ports.convert --src={directory} --dst=DIR')
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'checkpoint directory not found: {directory}')
   if not os.path.isfile(path):
@@ -115,6 +118,35 @@ def read_meta(directory: str, fmt: str, what: str) -> dict:
     got = meta.get('format') if isinstance(meta, dict) else None
     raise ValueError(f'{path}: not a {what} (format={got!r}, expected {fmt!r})')
   return meta
+
+
+def verify_tree(directory: str, target: nnx.State) -> None:
+  """Checks params/ against the abstract ``target`` from orbax's metadata alone (no array is
+  read): the same parameter names and shapes. Raises ValueError naming the first mismatch."""
+  import orbax.checkpoint as ocp
+  pdir = os.path.join(os.path.abspath(directory), 'params')
+  if not os.path.isdir(pdir):
+    raise FileNotFoundError(f'{directory}: missing params/ (incomplete or corrupt checkpoint)')
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      meta = ckptr.metadata(pdir).item_metadata
+    stored = {jax.tree_util.keystr(k): tuple(v.shape)
+              for k, v in jax.tree_util.tree_leaves_with_path(meta.tree)}
+  except Exception as e:  # orbax raises many types; name the folder
+    raise ValueError(f'{directory}: unreadable parameter metadata ({type(e).__name__}); '
+                     'incomplete or corrupt checkpoint') from None
+  want = {jax.tree_util.keystr(k): tuple(v.shape)
+          for k, v in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(target))}
+  for name in sorted(set(want) | set(stored)):
+    if name not in stored:
+      raise ValueError(f'{directory}: parameter {name} missing (config.json does not match '
+                       'the weights)')
+    if name not in want:
+      raise ValueError(f'{directory}: unexpected parameter {name} (config.json does not match '
+                       'the weights)')
+    if want[name] != stored[name]:
+      raise ValueError(f'{directory}: parameter {name} has shape {list(stored[name])}, '
+                       f'config.json implies {list(want[name])}')
 
 
 def restore_tree(directory: str, target: nnx.State) -> nnx.State:

@@ -1,4 +1,4 @@
-"""kvjax launcher: one Self-Forcing rollout with a KV-cache method, or its plan.
+r"""kvjax launcher: one Self-Forcing rollout with a KV-cache method, or its plan.
 
   python -m kvjax.launch --method=bf16                 # built-in tiny default, CPU, < 1 min
   python -m kvjax.launch --method=bf16 --config=configs/self_forcing.py:wan2.1_t2v_1.3b --plan
@@ -8,13 +8,19 @@ Writes result.json, latents.npy and curves.csv under --outdir (default runs/<sta
 video.mp4 (16 fps) with --wan_dir:
   python -m kvjax.launch --method=bf16 --checkpoint=CKPT --wan_dir=Wan2.1-T2V-1.3B \
       --config=configs/self_forcing.py:wan2.1_t2v_1.3b --prompt="a cat surfing at sunset"
+
+A mistake in the flags or inputs ends with one line "error: ..." and exit status 2 before any
+work; Ctrl-C ends with "interrupted; nothing written" and status 130, leaving no partial result
+folder (even during XLA compilation). The result fields are documented in docs/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -23,8 +29,14 @@ import configs
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), 'self_forcing.py') + ':tiny'
 
-config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Config file and variant (path:variant).',
-                                lock_config=True)
+try:  # ml_collections applies sys.argv's --config.* overrides when the flag is defined
+  config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG,
+                                  'Config file and variant (path:variant).', lock_config=True)
+except Exception as e:
+  _overrides = [a.split('=')[0] for a in sys.argv[1:] if a.startswith('--config.')]
+  print(f"error: --config: cannot apply {', '.join(_overrides) or 'the overrides'} "
+        f"({type(e).__name__}: {' '.join(str(e).split())})"[:407], file=sys.stderr)
+  sys.exit(2)
 flags.DEFINE_string('method', 'bf16', 'Cache method name or alias (see --list_methods).')
 flags.DEFINE_string('method_args', None, "Method parameter overrides 'key=value,...' "
                     '(e.g. clamp_zero_point=false); see --list_methods.')
@@ -52,6 +64,8 @@ flags.DEFINE_bool('free_text_encoder', True, 'Delete the text encoder from devic
 flags.DEFINE_bool('list_methods', False, 'List the cache methods and exit.')
 flags.DEFINE_bool('plan', False, 'Print sizes and compiled memory (abstract shapes only) and exit.')
 flags.DEFINE_bool('progress', True, 'Show a progress bar.')
+flags.DEFINE_bool('save_inputs', False, 'Also write noise.npz and text_states.npy (the inputs, in '
+                  'the formats --noise_file / --text_states read) into the result folder.')
 
 FLAGS = flags.FLAGS
 
@@ -75,40 +89,115 @@ def list_methods() -> str:
   return '\n'.join(out)
 
 
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+HELP_FLAGS = ('-h', '--help', '-help', '-?', '--helpshort', '--helpfull')
+INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError)
+
+
+def _error(msg) -> int:
+  """One line on stderr (``msg`` with its lines joined, at most 400 characters), exit status 2.
+  A message that embeds a traceback (ml_collections' config errors) keeps its head and the
+  exception's own last line."""
+  lines = [x.strip() for x in str(msg).splitlines() if x.strip()]
+  if any(x.startswith('Traceback (most recent call last)') for x in lines):
+    lines = [lines[0].split('Traceback')[0], lines[-1]]
+  text = ' '.join(' '.join(lines).split()) or type(msg).__name__
+  print(f'error: {text[:400]}', file=sys.stderr, flush=True)
+  return EXIT_USAGE
+
+
+def _interrupted() -> None:
+  """Removes partial result folders and exits 130 at once (no interpreter teardown: XLA threads
+  may still be compiling, and tearing Python down under them crashed before)."""
+  from kvjax import run   # loaded by then unless interrupted during start-up
+  run.discard_partial()
+  done = f'; {run.WRITTEN[-1]} was complete and is kept' if run.WRITTEN else ''
+  sys.stderr.write(f'\ninterrupted; nothing written{done}\n' if not done
+                   else f'\ninterrupted{done}\n')
+  sys.stderr.flush()
+  os._exit(EXIT_INTERRUPTED)
+
+
+def _watch_interrupts() -> None:
+  """Ctrl-C is acted on by a thread woken through ``signal.set_wakeup_fd``: the C-level handler
+  writes the signal number to a pipe even while the main thread is inside XLA (compiling for
+  minutes at 1.3B), where a Python handler would only run afterwards."""
+  r, w = os.pipe()
+  os.set_blocking(w, False)
+  signal.set_wakeup_fd(w)
+  signal.signal(signal.SIGINT, lambda *_: None)   # the watcher acts; the main thread runs on
+
+  def watch():
+    while True:
+      data = os.read(r, 64)
+      if signal.SIGINT in data:
+        _interrupted()
+
+  threading.Thread(target=watch, name='kvjax-interrupts', daemon=True).start()
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with the launcher's contract: --help prints the usage and exits 0; a bad
+  flag, config file, config variant or override is one ``error:`` line and exit status 2."""
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(_error(e))
+  except Exception as e:   # whatever loading the --config file raises
+    sys.exit(_error(f'--config: {type(e).__name__}: {e}'))
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    return _error(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)
   if FLAGS.list_methods:
     print(list_methods())
     return 0
   from kvjax import run
   try:
+    config = FLAGS.config   # the config file is loaded (and overridden) on first use
+    config.to_dict()
+  except Exception as e:
+    return _error(f'--config: {type(e).__name__}: {e}')
+  try:
     settings = run.resolve(
-        FLAGS.config, method=FLAGS.method, checkpoint=FLAGS.checkpoint, seed=FLAGS.seed,
+        config, method=FLAGS.method, checkpoint=FLAGS.checkpoint, seed=FLAGS.seed,
         num_latent_frames=FLAGS.num_latent_frames, impl=FLAGS.impl, reference=FLAGS.reference,
         noise_file=FLAGS.noise_file, text_states=FLAGS.text_states,
         compute_dtype=FLAGS.compute_dtype, window_frames=FLAGS.window_frames,
         sink_frames=FLAGS.sink_frames, outdir=None if FLAGS.plan else FLAGS.outdir,
         method_args=FLAGS.method_args, wan_dir=FLAGS.wan_dir, prompt=FLAGS.prompt,
         prompts_file=FLAGS.prompts_file, free_text_encoder=FLAGS.free_text_encoder)
-  except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  except INPUT_ERRORS as e:
+    return _error(e)
   if FLAGS.plan:
     print(json.dumps(run.plan(settings), indent=2))
     return 0
-  result = run.generate(settings, progress=FLAGS.progress)
+  print(f'{settings.method.name} on {settings.config_name} '
+        f'({"weights " + settings.checkpoint if settings.checkpoint else "random weights"}): '
+        'compiling, then rolling out ...', file=sys.stderr, flush=True)
+  try:
+    result = run.generate(settings, progress=FLAGS.progress, save_inputs=FLAGS.save_inputs)
+  except INPUT_ERRORS as e:   # e.g. a checkpoint whose parameter files are truncated
+    return _error(e)
   keys = ('method', 'config', 'frames', 'kv_cache_bytes', 'bf16_kv_cache_bytes',
           'compression_ratio', 'compile_s', 'runtime_s', 'latent_psnr', 'latent_rel_l2')
   print(json.dumps({k: result[k] for k in keys if k in result}, indent=2))
   videos = f" (+ {', '.join(result['videos'])})" if result.get('videos') else ''
   print(f"wrote {result['outdir']}{videos}")
+  if not settings.checkpoint:
+    print('note: the model has random weights (a fixed seed); the numbers measure the cache '
+          'method, not video quality. Next: --list_methods, --method=<name>, --plan with '
+          '--config=configs/self_forcing.py:wan2.1_t2v_1.3b, real weights: README.md.')
   return 0
 
 
 def run_main():
-  app.run(main)
+  _watch_interrupts()
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':

@@ -34,6 +34,7 @@ from kvjax.sampler import Noise, SamplerConfig, SelfForcing, load_noise, make_no
 
 REFERENCES = ('bf16', 'torch', 'none')
 TEXT_SEED_OFFSET = 7919  # random text states of the built-in default come from seed + this
+MAX_SEED = 2**32 - 1 - TEXT_SEED_OFFSET   # both keys stay uint32 (no silent wrap)
 
 
 @dataclasses.dataclass
@@ -69,8 +70,9 @@ def _load_text_states(path: str, model_cfg: WanConfig) -> np.ndarray:
     raise FileNotFoundError(f'text states file not found: {path}')
   try:
     arr = np.load(path, allow_pickle=False)
-  except Exception as e:
-    raise ValueError(f'text states file {path} is not a readable .npy array: {e}') from None
+  except Exception as e:  # numpy's message may advise allow_pickle: wrong and unsafe here
+    raise ValueError(f'text states file {path} is not a numpy .npy array '
+                     f'({type(e).__name__}); see --save_inputs for the format') from None
   if not isinstance(arr, np.ndarray) or arr.ndim != 3:
     raise ValueError(f'text states {path}: expected [B, L, {model_cfg.text_dim}], got shape '
                      f'{getattr(arr, "shape", None)}')
@@ -120,8 +122,13 @@ def resolve(config: ml_collections.ConfigDict, *, method: str = 'bf16',
       raise ValueError('--reference=torch needs torch and diffusers: pip install -e ".[torch]"')
 
   config = ml_collections.ConfigDict(config.to_dict())
+  seed = int(config.seed if seed is None else seed)
+  if not 0 <= seed <= MAX_SEED:
+    raise ValueError(f'--seed must be in [0, {MAX_SEED}] (got {seed})')
+  config.seed = seed
   if checkpoint is not None:
     model_cfg = ckpt.read_config(checkpoint)
+    ckpt.verify_tree(checkpoint, ckpt.abstract_params(model_cfg))
     model_cfg = model_cfg.replace(compute_dtype=config.model.compute_dtype)
   else:
     model_cfg = WanConfig.from_dict(config.model)
@@ -202,7 +209,7 @@ def resolve(config: ml_collections.ConfigDict, *, method: str = 'bf16',
   return RunSettings(
       config_name=str(config.get('name', '?')), config=config.to_dict(), model_cfg=model_cfg,
       sampler_cfg=sampler_cfg, method=m, spec=spec, batch=batch, frames=frames, height=height,
-      width=width, seed=int(config.seed if seed is None else seed),
+      width=width, seed=seed,
       weight_seed=int(config.get('weight_seed', 0)), impl=impl, reference=reference,
       checkpoint=checkpoint, noise=noise, text_states=texts, outdir=outdir,
       wan_dir=wd, prompts=prompts, free_text_encoder=free_text_encoder)
@@ -271,8 +278,14 @@ def default_outdir(s: RunSettings) -> str:
   return os.path.join('runs', f'{stamp}_{s.config_name}_{s.method.name.lower()}_seed{s.seed}')
 
 
-def generate(s: RunSettings, *, progress: bool = True, log=print) -> dict[str, Any]:
-  """Runs the rollout (and its reference) and writes the result directory atomically."""
+def generate(s: RunSettings, *, progress: bool = True, log=print,
+             save_inputs: bool = False) -> dict[str, Any]:
+  """Runs the rollout (and its reference) and writes the result directory atomically.
+
+  ``save_inputs``: also write the run's inputs as ``noise.npz`` (arrays ``initial``,
+  ``renoise``) and ``text_states.npy`` ([B, L, text_dim] float32), the formats that
+  ``--noise_file`` / ``--text_states`` read, so the run can be repeated exactly.
+  """
   outdir = s.outdir or default_outdir(s)
   _check_outdir(outdir)
   gdef = ckpt.graphdef(s.model_cfg)
@@ -340,7 +353,12 @@ def generate(s: RunSettings, *, progress: bool = True, log=print) -> dict[str, A
     result.update(wan_dir=s.wan_dir.path, **video_info)
   curves = metrics.per_frame_curves(latents, ref)
   artifacts = s.method.artifacts(cache)
-  _write_atomic(outdir, result, latents, curves, artifacts, video=video)
+  inputs = None
+  if save_inputs:
+    inputs = {'noise.npz': dict(initial=np.asarray(noise.initial, np.float32),
+                                renoise=np.asarray(noise.renoise, np.float32)),
+              'text_states.npy': np.asarray(texts, np.float32)}
+  _write_atomic(outdir, result, latents, curves, artifacts, video=video, inputs=inputs)
   result['outdir'] = outdir
   return result
 
@@ -364,19 +382,52 @@ def _json_default(o):
   return str(o)
 
 
+# Result folders being written (``_write_atomic``'s staging folders) and the last one completed:
+# the launcher's interrupt handler removes the former and names the latter.
+PARTIAL: set[str] = set()
+WRITTEN: list[str] = []
+
+
+def discard_partial() -> None:
+  """Removes every staging folder still being written (interrupt cleanup)."""
+  for stage in list(PARTIAL):
+    for _ in range(3):                     # a writer thread may still be adding a file
+      shutil.rmtree(stage, ignore_errors=True)
+      if not os.path.exists(stage):
+        break
+    PARTIAL.discard(stage)
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def _write_atomic(outdir: str, result: dict, latents: np.ndarray, curves: dict,
-                  artifacts: dict | None = None, video: np.ndarray | None = None) -> None:
+                  artifacts: dict | None = None, video: np.ndarray | None = None,
+                  inputs: dict | None = None) -> None:
+  """Writes the result folder under a hidden staging name, then renames it (a reader never sees a
+  half-written folder; an error or interrupt removes the staging folder). The folder gets the
+  user's umask (``mkdtemp`` creates it 0700)."""
   import pandas as pd
   outdir = os.path.abspath(outdir)
   parent = os.path.dirname(outdir)
   os.makedirs(parent, exist_ok=True)
   stage = tempfile.mkdtemp(prefix=f'.{os.path.basename(outdir)}.partial-', dir=parent)
+  PARTIAL.add(stage)
   try:
+    os.chmod(stage, 0o777 & ~_umask())
     np.save(os.path.join(stage, 'latents.npy'), latents)
     pd.DataFrame(curves).to_csv(os.path.join(stage, 'curves.csv'), index=False)
     for name, obj in (artifacts or {}).items():
       with open(os.path.join(stage, name), 'w') as f:
         json.dump(obj, f, indent=2, default=_json_default)
+    for name, obj in (inputs or {}).items():
+      if name.endswith('.npz'):
+        np.savez(os.path.join(stage, name), **obj)
+      else:
+        np.save(os.path.join(stage, name), obj)
     if video is not None:
       from kvjax import video as video_io
       result['videos'] = video_io.write_videos(stage, video)
@@ -386,6 +437,9 @@ def _write_atomic(outdir: str, result: dict, latents: np.ndarray, curves: dict,
     if os.path.isdir(outdir):
       os.rmdir(outdir)  # empty (checked before the run); fails loudly if something appeared
     os.rename(stage, outdir)
+    WRITTEN.append(outdir)
   except BaseException:
     shutil.rmtree(stage, ignore_errors=True)
     raise
+  finally:
+    PARTIAL.discard(stage)

@@ -131,7 +131,7 @@ def test_noise_validation(sampler_cfg, tmp_path):
   with pytest.raises(ValueError, match='missing array'):
     load_noise(str(tmp_path / 'partial.npz'), sampler_cfg, 16)
   (tmp_path / 'junk.npz').write_bytes(b'not a zip')
-  with pytest.raises(ValueError, match='not a readable'):
+  with pytest.raises(ValueError, match='not a numpy .npz archive'):
     load_noise(str(tmp_path / 'junk.npz'), sampler_cfg, 16)
 
 

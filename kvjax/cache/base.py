@@ -1,4 +1,4 @@
-"""The cache-method protocol (DESIGN.md section 3) and the frame ring buffer all methods share.
+"""The cache-method protocol and the frame ring buffer all methods share.
 
 Storage layout and capacity. The cache holds *history* only: the current block always attends to
 its own K/V exactly (dense, in the compute dtype) and the two partial attentions are merged by

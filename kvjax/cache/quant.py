@@ -1,4 +1,4 @@
-"""Quantization primitives shared by the cache methods (spec/methods.md section 2).
+"""Quantization primitives shared by the cache methods (formats: docs/ARCHITECTURE.md).
 
 Token groups. A frame's P tokens are split into groups of G consecutive tokens; when G does not
 divide P, the last group absorbs the remainder (1,560 = 96 x 16 + 24 at 480x832, so 97 groups

@@ -64,15 +64,18 @@ def parse_overrides(name: str, text: str | None) -> dict[str, Any]:
     if key not in fields:
       raise ValueError(f'{cls.name} has no parameter {key!r}; valid parameters: '
                        f'{", ".join(sorted(fields)) or "(none)"}')
-    default = getattr(cls, key, None)
+    default = fields[key].default
     if isinstance(default, bool):
       if val.lower() not in ('true', 'false', '1', '0'):
-        raise ValueError(f'{key} expects true/false (got {val!r})')
+        raise ValueError(f'{cls.name}: {key} expects true or false (got {val!r})')
       out[key] = val.lower() in ('true', '1')
-    elif isinstance(default, int):
-      out[key] = int(val)
-    elif isinstance(default, float):
-      out[key] = float(val)
+    elif isinstance(default, (int, float)):
+      kind = type(default)
+      try:
+        out[key] = kind(val)
+      except ValueError:
+        raise ValueError(f'{cls.name}: {key} expects {"an integer" if kind is int else "a number"} '
+                         f'(got {val!r})') from None
     else:
       out[key] = val
   return out

@@ -1,4 +1,4 @@
-"""Wan's 3-D rotary position embedding, complex-interleaved (spec/model.md section 1.7).
+"""Wan's 3-D rotary position embedding, complex-interleaved.
 
 Head channels (2i, 2i+1) form one complex number. The H/2 complex channels are split into
 time | height | width with sizes [c - 2*(c//3), c//3, c//3] (c = H/2); each axis has its own

@@ -22,7 +22,7 @@ def as_dtype(name: Any) -> jnp.dtype:
 
 @dataclasses.dataclass(frozen=True)
 class WanConfig(FrozenConfig):
-  """Hyper-parameters of the Wan2.1 text-to-video DiT (see spec/model.md section 1.1).
+  """Hyper-parameters of the Wan2.1 text-to-video DiT (Wan2.1-T2V-1.3B by default).
 
   Attributes:
     dim: model width D.

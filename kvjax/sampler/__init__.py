@@ -1,6 +1,6 @@
 """Self-Forcing block-autoregressive sampler and its flow-matching scheduler.
 
-Per block of ``block_frames`` latent frames (spec/model.md section 2.4):
+Per block of ``block_frames`` latent frames:
   for i, t in enumerate(timesteps):            # (1000, 937.5, 833.33, 625) after warping
       v  = DiT(x_t, t, cache)                  # cache read-only
       x0 = x_t - sigma(t) * v

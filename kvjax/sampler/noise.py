@@ -66,7 +66,9 @@ def load_noise(path: str, cfg: SamplerConfig, channels: int) -> Noise:
   except FileNotFoundError:
     raise FileNotFoundError(f'noise file not found: {path}') from None
   except (OSError, EOFError, ValueError, AttributeError) as e:
-    raise ValueError(f'noise file {path} is not a readable .npz: {e}') from None
+    # numpy's own message suggests allow_pickle for text or pickled files: wrong and unsafe here.
+    raise ValueError(f'noise file {path} is not a numpy .npz archive of arrays '
+                     f'({type(e).__name__}); see --save_inputs for the format') from None
   missing = [k for k in ('initial', 'renoise') if k not in arrays]
   if missing:
     raise ValueError(f'noise file {path}: missing array(s) {missing} (has {files})')

@@ -17,7 +17,7 @@ f32 = jnp.float32
 
 
 def frame_mask(num_frames: int, block_frames: int, window_frames: int, sink_frames: int = 0):
-  """Block-causal frame mask equivalent to the KV-cache rollout (spec/model.md section 2.5).
+  """Block-causal frame mask equivalent to the KV-cache rollout.
 
   Query frame i of block k (ending at e_k = block_frames * (k + 1)) may attend to key frame j iff
   j < e_k and (j < sink_frames or j >= e_k - (window_frames - sink_frames)).

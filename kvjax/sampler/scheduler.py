@@ -22,6 +22,14 @@ class SamplerConfig(FrozenConfig):
 
   def __post_init__(self):
     object.__setattr__(self, 'denoising_steps', tuple(float(s) for s in self.denoising_steps))
+    if not self.denoising_steps:
+      raise ValueError('sampler.denoising_steps is empty')
+    if int(self.block_frames) < 1:
+      raise ValueError(f'sampler.block_frames must be >= 1 (got {self.block_frames})')
+    if int(self.num_train_timesteps) < 1:
+      raise ValueError(f'sampler.num_train_timesteps must be >= 1 (got {self.num_train_timesteps})')
+    if not self.timestep_shift > 0:
+      raise ValueError(f'sampler.timestep_shift must be > 0 (got {self.timestep_shift})')
 
 
 def shifted_grid(num_train_timesteps: int, shift: float) -> tuple[np.ndarray, np.ndarray]:

@@ -29,7 +29,7 @@ f32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class UMT5Config(FrozenConfig):
-  """Hyper-parameters of the umT5 encoder (defaults: umT5-XXL, spec/model.md section 4.1).
+  """Hyper-parameters of the umT5 encoder (defaults: umT5-XXL).
 
   Attributes:
     vocab_size, dim: token embedding [vocab_size, dim].

@@ -1,4 +1,4 @@
-"""Static configuration of the Wan2.1 VAE decoder (spec/model.md section 4.2)."""
+"""Static configuration of the Wan2.1 VAE decoder."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""QVG (Quant VideoGen): the test cases of spec/qvg.md section 7, with negative controls.
+"""QVG (Quant VideoGen): the QVG specification's test cases (two clusters, k-means semantics,
+quantizer idempotence, grid exactness, zero groups, packing, byte accounting, chunked read), with
+negative controls.
 
 k-means semantics against an independent numpy implementation, the residual quantizer's
 idempotence and grid, the zero-scale guard, packing goldens of kvjax's own layout, E4M3 decoding,
