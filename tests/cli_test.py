@@ -53,6 +53,10 @@ def files(tmp_path_factory):
   np.save(d / 'text_2d.npy', np.zeros((2, 3), np.float32))
   np.save(d / 'text_nan.npy', np.full((1, 4, cfg.text_dim), np.nan, np.float32))
   np.savez(d / 'noise_missing.npz', initial=np.zeros((1, 9, 16, 8, 8), np.float32))
+  shapes = run.noise_shapes(1, 9, 16, 8, 8, run.SamplerConfig.from_dict(get_config('tiny').sampler))
+  good_noise = {k: np.zeros(v, np.float32) for k, v in zip(('initial', 'renoise'), shapes)}
+  np.savez(d / 'noise_nan.npz', **dict(good_noise, initial=np.full(shapes[0], np.nan, np.float32)))
+  np.savez(d / 'noise_shape.npz', **dict(good_noise, renoise=np.zeros((2, 3), np.float32)))
   with open(d / 'random.pt', 'wb') as f:
     f.write(os.urandom(4096))
   os.makedirs(d / 'full_outdir')
@@ -60,6 +64,7 @@ def files(tmp_path_factory):
   return dict(dir=str(d), ckpt=good, no_params=no_params, wrong=wrong, readme=README,
               text_2d=str(d / 'text_2d.npy'), text_nan=str(d / 'text_nan.npy'),
               noise_missing=str(d / 'noise_missing.npz'), random_pt=str(d / 'random.pt'),
+              noise_nan=str(d / 'noise_nan.npz'), noise_shape=str(d / 'noise_shape.npz'),
               full_outdir=str(d / 'full_outdir'))
 
 
@@ -91,6 +96,8 @@ CASES = [
     ('noise_missing', ['--noise_file={dir}/none.npz'], 'noise file not found'),
     ('noise_is_text', ['--noise_file={readme}'], 'not a numpy .npz archive'),
     ('noise_missing_array', ['--noise_file={noise_missing}'], "missing array(s) ['renoise']"),
+    ('noise_nan', ['--noise_file={noise_nan}'], 'NaN'),
+    ('noise_mis_shaped', ['--noise_file={noise_shape}'], 'renoise'),
     ('text_missing', ['--text_states={dir}/none.npy'], 'text states file not found'),
     ('text_is_text', ['--text_states={readme}'], 'not a numpy .npy array'),
     ('text_wrong_rank', ['--text_states={text_2d}'], 'expected [B, L,'),
@@ -98,6 +105,7 @@ CASES = [
     ('outdir_not_empty', ['--outdir={full_outdir}'], 'exists and is not empty'),
     ('unknown_impl', ['--impl=cuda'], 'flag --impl'),
     ('unknown_reference', ['--reference=gpt'], 'flag --reference'),
+    ('unknown_compute_dtype', ['--compute_dtype=int8'], 'flag --compute_dtype'),
     ('unknown_flag', ['--bogus=1'], "Unknown command line flag 'bogus'"),
     ('positional_argument', ['extra'], 'unexpected arguments: extra'),
     ('prompt_without_wan_dir', ['--prompt=a cat'], '--wan_dir'),
