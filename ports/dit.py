@@ -17,7 +17,7 @@ import numpy as np
 
 from ports import engine
 from ports.engine import TRANSFORMS, flat_paths  # noqa: F401  (re-exported)
-from ports.sources import PortError, RenamedSource, TensorSource, read_json
+from ports.sources import PortError, RenamedSource, TensorSource, config_number, read_json
 
 __all__ = ['PortError', 'TRANSFORMS', 'TABLE', 'GLOBAL_KEYS', 'LAYER_KEYS', 'KNOWN_SIZES', 'flat_paths',
            'original_to_params', 'params_to_original', 'diffusers_to_original',
@@ -261,10 +261,10 @@ def heads_from_config(cfg: Mapping, path: str) -> int | None:
   """num_heads from an original (``num_heads``) or diffusers (``num_attention_heads``) config."""
   for key in ('num_heads', 'num_attention_heads'):
     if key in cfg:
-      try:
-        return int(cfg[key])
-      except (TypeError, ValueError):
-        raise PortError(f'{path}: {key}={cfg[key]!r} is not an integer') from None
+      heads = config_number(cfg, key, path, int)
+      if heads is not None and heads <= 0:
+        raise PortError(f'{path}: {key}={cfg[key]!r} is not a positive integer')
+      return heads
   return None
 
 
@@ -276,13 +276,15 @@ def check_side_config(cfg: Mapping, fields: Mapping, path: str) -> None:
     raise PortError(f'{path}: an image-to-video config (image_dim={cfg.get("image_dim")}); '
                     'kvjax runs the text-to-video model')
   dim = fields['dim']
-  pairs = dict(dim=cfg.get('dim'), ffn_dim=cfg.get('ffn_dim'), freq_dim=cfg.get('freq_dim'),
-               num_layers=cfg.get('num_layers'), in_dim=cfg.get('in_dim', cfg.get('in_channels')),
-               out_dim=cfg.get('out_dim', cfg.get('out_channels')), text_dim=cfg.get('text_dim'))
-  if 'attention_head_dim' in cfg and 'num_attention_heads' in cfg:
-    pairs['dim'] = int(cfg['attention_head_dim']) * int(cfg['num_attention_heads'])
+  num = lambda *keys: next((config_number(cfg, k, path, int) for k in keys if k in cfg), None)
+  pairs = dict(dim=num('dim'), ffn_dim=num('ffn_dim'), freq_dim=num('freq_dim'),
+               num_layers=num('num_layers'), in_dim=num('in_dim', 'in_channels'),
+               out_dim=num('out_dim', 'out_channels'), text_dim=num('text_dim'))
+  head_dim, heads = num('attention_head_dim'), num('num_attention_heads')
+  if head_dim is not None and heads is not None:
+    pairs['dim'] = head_dim * heads
   for name, val in pairs.items():
-    if val is not None and int(val) != int(fields[name]):
+    if val is not None and val != int(fields[name]):
       raise PortError(f'{path}: says {name}={val}, but the tensors give {fields[name]} '
                       f'(config.json of another model? dim={dim})')
 
@@ -294,6 +296,8 @@ def resolve_heads(source: TensorSource, num_heads: int | None, side_config: str 
   Raises PortError when it cannot be determined (never guessed), when the sources disagree, or
   for a released model other than the 1.3B unless ``allow_any_size``.
   """
+  if num_heads is not None and num_heads <= 0:
+    raise PortError(f'--num_heads={num_heads}: must be a positive integer')
   dim = source.shape('patch_embedding.weight')[0] if 'patch_embedding.weight' in source else None
   known = KNOWN_SIZES.get(dim)
   if known and dim != SUPPORTED_DIM and not allow_any_size:
@@ -348,8 +352,9 @@ def convert(source: TensorSource, *, num_heads: int | None = None, side_config: 
   if fields['in_dim'] != T2V_IN_DIM:
     raise PortError(f'{source.path}: in_dim {fields["in_dim"]} is not a T2V DiT')
   cfg = WanConfig.from_dict(dict(
-      fields, text_len=int(text_len or side.get('text_len', 512)),
-      eps=float(side.get('eps', 1e-6)), param_dtype=dtype, compute_dtype='bfloat16'))
+      fields, text_len=int(text_len or config_number(side, 'text_len', side_config, int, 512)),
+      eps=config_number(side, 'eps', side_config, float, 1e-6), param_dtype=dtype,
+      compute_dtype='bfloat16'))
   if log:
     log(f'{source.path}: Wan DiT dim={cfg.dim} layers={cfg.num_layers} heads={cfg.num_heads} '
         f'(heads from {origin}), {len(src)} tensors -> {dtype}')

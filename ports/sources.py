@@ -147,6 +147,9 @@ def read_safetensors_header(path: str) -> tuple[int, dict[str, dict]]:
       b, e = (int(o) for o in meta['data_offsets'])
     except (KeyError, TypeError, ValueError):
       raise PortError(f'{path}: corrupt safetensors header entry for {key!r}: {meta}') from None
+    if any(d < 0 for d in shape) or not 0 <= b <= e:
+      raise PortError(f'{path}: corrupt safetensors header entry for {key!r}: shape '
+                      f'{list(shape)}, data_offsets {[b, e]}')
     if e - b != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
       raise PortError(f'{path}: corrupt safetensors header: {key!r} spans {e - b} bytes, its '
                       f'shape {list(shape)} x {dtype} needs {int(np.prod(shape)) * dtype.itemsize}')
@@ -189,13 +192,22 @@ class SafetensorsSource(TensorSource):
 def sharded_safetensors(index_path: str) -> SafetensorsSource:
   """The shards listed in a ``*.safetensors.index.json`` (every shard must exist)."""
   try:
-    with open(index_path) as f:
+    with open(index_path, encoding='utf-8') as f:
       index = json.load(f)
     weight_map = index['weight_map']
-  except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-    raise PortError(f'{index_path}: not a valid safetensors index ({type(e).__name__}: {e})') from None
+  except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError: JSON and UTF-8 errors
+    raise PortError(f'{index_path}: not a valid safetensors index ({type(e).__name__}: '
+                    f'{one_line(e)})') from None
+  if not isinstance(weight_map, dict) or not all(
+      isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+    raise PortError(f'{index_path}: not a valid safetensors index (weight_map must map tensor '
+                    'names to shard file names)')
   folder = os.path.dirname(index_path)
   shards = sorted(set(weight_map.values()))
+  outside = [s for s in shards if not s or os.path.basename(s) != s or s in ('.', '..')]
+  if outside:
+    raise PortError(f'{index_path}: shard names must be file names in its folder, not '
+                    f'{outside[:3]}')
   missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
   if missing:
     raise PortError(f'{index_path}: shard file(s) {missing} listed in the index are missing')
@@ -260,12 +272,16 @@ def load_torch_file(path: str):
   try:
     return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
   except Exception as e:  # torch raises UnpicklingError, RuntimeError, OSError, EOFError...
-    msg = str(e).split('\n')[0][:300]
-    if 'Weights only load failed' in str(e) or 'weights_only' in str(e):
+    text = str(e)
+    why = re.search(r'WeightsUnpickler error:\s*(.*?)(?:\n\n|Check the documentation|$)', text,
+                    re.S)
+    detail = one_line(why.group(1) if why else text)[:300]
+    if why and 'Unsupported global' in why.group(1):
+      detail = re.sub(r' Please use .*', '', detail)
       raise PortError(f'{path}: holds objects other than tensors; refusing to unpickle them '
-                      f'(torch.load weights_only=True): {msg}') from None
+                      f'(torch.load weights_only=True): {detail}') from None
     raise PortError(f'{path}: cannot read as a PyTorch checkpoint (truncated or corrupt?): '
-                    f'{type(e).__name__}: {msg}') from None
+                    f'{type(e).__name__}: {detail}') from None
 
 
 def strip_wrappers(sd: Mapping, path: str) -> dict:
@@ -389,10 +405,36 @@ def open_checkpoint(path: str, names: Iterable[str]) -> TensorSource:
 
 def read_json(path: str) -> dict:
   try:
-    with open(path) as f:
+    with open(path, encoding='utf-8') as f:
       out = json.load(f)
   except json.JSONDecodeError as e:
     raise PortError(f'{path}: not valid JSON ({e})') from None
+  except UnicodeDecodeError as e:
+    raise PortError(f'{path}: not valid JSON (not UTF-8 text: {e.reason} at byte '
+                    f'{e.start})') from None
+  except OSError as e:
+    raise PortError(f'{path}: cannot read ({e.strerror or e})') from None
   if not isinstance(out, dict):
     raise PortError(f'{path}: expected a JSON object')
   return out
+
+
+def config_number(cfg: Mapping, key: str, path: str, kind=int, default=None):
+  """``cfg[key]`` (a config.json field) as ``kind`` (int or float), or ``default`` when absent
+  or null; a value of another type is a PortError naming the file and the field."""
+  val = cfg.get(key)
+  if val is None:
+    return default
+  try:
+    if isinstance(val, bool) or (kind is int and isinstance(val, float) and not val.is_integer()):
+      raise ValueError
+    return kind(val)
+  except (TypeError, ValueError):
+    raise PortError(f'{path}: {key}={val!r} is not {"an integer" if kind is int else "a number"}'
+                    ) from None
+
+
+def one_line(e) -> str:
+  """An exception's (or a text's) message on one line, without terminal colour codes."""
+  text = re.sub(r'\x1b\[[0-9;]*m', '', str(e))
+  return ' '.join(text.split()) or (type(e).__name__ if isinstance(e, BaseException) else '')

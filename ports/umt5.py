@@ -12,7 +12,7 @@ import re
 from typing import Mapping
 
 from ports import engine
-from ports.sources import PortError, RenamedSource, TensorSource, read_json
+from ports.sources import PortError, RenamedSource, TensorSource, config_number, read_json
 
 TABLE: dict[str, tuple[str, str]] = {
     'token_embedding': ('token_embedding.weight', 'identity'),
@@ -135,10 +135,11 @@ def infer_config(source: TensorSource, side: Mapping | None = None, side_path: s
                   head_dim='d_kv', ffn_dim='d_ff', num_layers='num_layers',
                   num_buckets='relative_attention_num_buckets')
     for ours, theirs in checks.items():
-      if side.get(theirs) is not None and int(side[theirs]) != fields[ours]:
+      if config_number(side, theirs, side_path, int) not in (None, fields[ours]):
         raise PortError(f'{side_path}: says {theirs}={side[theirs]}, the tensors give {fields[ours]}')
-    fields['max_distance'] = int(side.get('relative_attention_max_distance', 128))
-    fields['eps'] = float(side.get('layer_norm_epsilon', 1e-6))
+    fields['max_distance'] = config_number(side, 'relative_attention_max_distance', side_path,
+                                           int, 128)
+    fields['eps'] = config_number(side, 'layer_norm_epsilon', side_path, float, 1e-6)
   return UMT5Config.from_dict(dict(fields, param_dtype=dtype, compute_dtype=dtype))
 
 

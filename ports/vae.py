@@ -12,7 +12,7 @@ import re
 from typing import Mapping
 
 from ports import engine
-from ports.sources import PortError, RenamedSource, TensorSource, read_json
+from ports.sources import PortError, RenamedSource, TensorSource, config_number, read_json
 
 # Residual block: original Sequential indices <-> diffusers names (both sides share the prefix).
 _RES_ORIG_TO_DIFF = {'residual.0.gamma': 'norm1.gamma', 'residual.2.weight': 'conv1.weight',
@@ -183,9 +183,10 @@ def config_from_diffusers(side: Mapping, path: str) -> dict:
   if side.get('attn_scales'):
     raise PortError(f'{path}: attn_scales={side["attn_scales"]} is not supported (Wan2.1 has none)')
   out = {}
-  dim = side.get('decoder_base_dim') or side.get('base_dim')
+  dim = (config_number(side, 'decoder_base_dim', path, int)
+         or config_number(side, 'base_dim', path, int))
   if dim is not None:
-    out['dim'] = int(dim)
+    out['dim'] = dim
   for ours, theirs in (('z_dim', 'z_dim'), ('dim_mult', 'dim_mult'),
                        ('num_res_blocks', 'num_res_blocks'), ('out_channels', 'out_channels'),
                        ('temporal_downsample', 'temperal_downsample'),
@@ -209,7 +210,7 @@ def infer_config(source: TensorSource, side: Mapping | None = None, side_path: s
   if side:
     given = config_from_diffusers(side, side_path)
     for k in ('z_dim', 'dim', 'out_channels'):
-      if k in given and int(given[k]) != fields[k]:
+      if k in given and config_number(given, k, side_path, int) != fields[k]:
         raise PortError(f'{side_path}: says {k}={given[k]}, the tensors give {fields[k]}')
     fields.update(given)
   if 'latents_mean' not in fields:
@@ -244,7 +245,8 @@ def convert(source: TensorSource, *, side_config: str | None = None, dtype: str 
   side = read_json(side_config) if side_config else {}
   if side and side.get('_class_name') not in (None, 'AutoencoderKLWan'):
     raise PortError(f'{side_config}: _class_name={side.get("_class_name")!r}, not AutoencoderKLWan')
-  src = as_original(source, int(side.get('num_res_blocks', WAN21_RES_BLOCKS)))
+  src = as_original(source, config_number(side, 'num_res_blocks', side_config, int,
+                                          WAN21_RES_BLOCKS))
   cfg = infer_config(src, side, side_config or '', dtype)
   if log:
     log(f'{source.path}: Wan VAE dim={cfg.dim} z_dim={cfg.z_dim} ({len(src)} tensors; the '

@@ -91,7 +91,7 @@ def test_bad_method_parameters_list_what_is_valid():
     kvcache.get('prune_int4', kind='random')
   assert kvcache.parse_overrides('kivi_int4', 'clamp_zero_point=false,group_size=32') == {
       'clamp_zero_point': False, 'group_size': 32}
-  with pytest.raises(ValueError, match='expects true/false'):
+  with pytest.raises(ValueError, match='KIVI_INT4: clamp_zero_point expects true or false'):
     kvcache.parse_overrides('kivi_int4', 'clamp_zero_point=maybe')
   with pytest.raises(ValueError, match='no parameter'):
     kvcache.parse_overrides('kivi_int4', 'bogus=1')
