@@ -18,25 +18,38 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-import threading
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 import configs
+from kvjax import interrupts
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), 'self_forcing.py') + ':tiny'
+EXIT_USAGE = 2
+
+
+def _error(msg) -> int:
+  """One line on stderr (``msg`` with its lines joined, at most 400 characters), exit status 2.
+  A message that embeds a traceback (ml_collections' config errors) keeps its head and the
+  exception's own last line."""
+  lines = [x.strip() for x in str(msg).splitlines() if x.strip()]
+  if any(x.startswith('Traceback (most recent call last)') for x in lines):
+    lines = [lines[0].split('Traceback')[0], lines[-1]]
+  text = ' '.join(' '.join(lines).split()) or type(msg).__name__
+  print(f'error: {text[:400]}', file=sys.stderr, flush=True)
+  return EXIT_USAGE
+
 
 try:  # ml_collections applies sys.argv's --config.* overrides when the flag is defined
   config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG,
                                   'Config file and variant (path:variant).', lock_config=True)
 except Exception as e:
   _overrides = [a.split('=')[0] for a in sys.argv[1:] if a.startswith('--config.')]
-  print(f"error: --config: cannot apply {', '.join(_overrides) or 'the overrides'} "
-        f"({type(e).__name__}: {' '.join(str(e).split())})"[:407], file=sys.stderr)
-  sys.exit(2)
+  sys.exit(_error(f"--config: cannot apply {', '.join(_overrides) or 'the overrides'} "
+                  f'({type(e).__name__}: {e})'))
+
 flags.DEFINE_string('method', 'bf16', 'Cache method name or alias (see --list_methods).')
 flags.DEFINE_string('method_args', None, "Method parameter overrides 'key=value,...' "
                     '(e.g. clamp_zero_point=false); see --list_methods.')
@@ -89,51 +102,17 @@ def list_methods() -> str:
   return '\n'.join(out)
 
 
-EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 HELP_FLAGS = ('-h', '--help', '-help', '-?', '--helpshort', '--helpfull')
 INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError)
 
 
-def _error(msg) -> int:
-  """One line on stderr (``msg`` with its lines joined, at most 400 characters), exit status 2.
-  A message that embeds a traceback (ml_collections' config errors) keeps its head and the
-  exception's own last line."""
-  lines = [x.strip() for x in str(msg).splitlines() if x.strip()]
-  if any(x.startswith('Traceback (most recent call last)') for x in lines):
-    lines = [lines[0].split('Traceback')[0], lines[-1]]
-  text = ' '.join(' '.join(lines).split()) or type(msg).__name__
-  print(f'error: {text[:400]}', file=sys.stderr, flush=True)
-  return EXIT_USAGE
-
-
 def _interrupted() -> None:
-  """Removes partial result folders and exits 130 at once (no interpreter teardown: XLA threads
-  may still be compiling, and tearing Python down under them crashed before)."""
+  """Removes partial result folders and exits 130 (``kvjax.interrupts``)."""
   from kvjax import run   # loaded by then unless interrupted during start-up
   run.discard_partial()
-  done = f'; {run.WRITTEN[-1]} was complete and is kept' if run.WRITTEN else ''
-  sys.stderr.write(f'\ninterrupted; nothing written{done}\n' if not done
-                   else f'\ninterrupted{done}\n')
-  sys.stderr.flush()
-  os._exit(EXIT_INTERRUPTED)
-
-
-def _watch_interrupts() -> None:
-  """Ctrl-C is acted on by a thread woken through ``signal.set_wakeup_fd``: the C-level handler
-  writes the signal number to a pipe even while the main thread is inside XLA (compiling for
-  minutes at 1.3B), where a Python handler would only run afterwards."""
-  r, w = os.pipe()
-  os.set_blocking(w, False)
-  signal.set_wakeup_fd(w)
-  signal.signal(signal.SIGINT, lambda *_: None)   # the watcher acts; the main thread runs on
-
-  def watch():
-    while True:
-      data = os.read(r, 64)
-      if signal.SIGINT in data:
-        _interrupted()
-
-  threading.Thread(target=watch, name='kvjax-interrupts', daemon=True).start()
+  if run.WRITTEN:
+    interrupts.exit_interrupted(f'interrupted; {run.WRITTEN[-1]} was complete and is kept')
+  interrupts.exit_interrupted()
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -196,7 +175,7 @@ def main(argv):
 
 
 def run_main():
-  _watch_interrupts()
+  interrupts.watch(_interrupted, 'kvjax-interrupts')
   app.run(main, flags_parser=parse_flags)
 
 

@@ -40,6 +40,7 @@ import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
+from kvjax import interrupts  # noqa: E402  (standard library only)
 from ports import dit as dit_port  # noqa: E402
 from ports import sources  # noqa: E402
 from ports import umt5 as umt5_port  # noqa: E402
@@ -47,7 +48,7 @@ from ports import vae as vae_port  # noqa: E402
 from ports.sources import PortError  # noqa: E402
 
 MODELS = ('auto', 'dit', 'umt5', 'vae', 'wan_dir')
-EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, interrupts.EXIT_INTERRUPTED
 # Bad flags and inputs (PortError is a ValueError); OSErrors such as a --src without read
 # permission are inputs too, other OSErrors (a full disk) are failures (EXIT_FAILED).
 INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
@@ -214,25 +215,17 @@ class _Interrupts:
     self.staging: _Staging | None = None
 
   def install(self) -> None:
-    r, w = os.pipe()
-    os.set_blocking(w, False)
-    signal.set_wakeup_fd(w)
-    signal.signal(signal.SIGINT, lambda *_: None)   # the watcher acts; the main thread runs on
-    threading.Thread(target=self._watch, args=(r,), name='ports-convert-interrupts',
-                     daemon=True).start()
+    interrupts.watch(self._on_sigint, 'ports-convert-interrupts')
 
-  def _watch(self, fd: int) -> None:
-    while True:
-      if signal.SIGINT not in os.read(fd, 64):      # the numbers of the signals received
-        continue
-      with self.lock:
-        if self.requested or self.committed:
-          continue
-        self.requested = True
-        if self.hold:
-          continue                                  # the main thread finishes the block first
-        self.exiting = True
-      self.finish()
+  def _on_sigint(self) -> None:
+    with self.lock:
+      if self.requested or self.committed:
+        return
+      self.requested = True
+      if self.hold:
+        return                                      # the main thread finishes the block first
+      self.exiting = True
+    self.finish()
 
   @contextlib.contextmanager
   def held(self):
@@ -253,9 +246,7 @@ class _Interrupts:
   def finish(self) -> None:
     if self.staging is not None:
       self.staging.discard()
-    sys.stderr.write(('\n' if sys.stderr.isatty() else '') + 'interrupted; nothing written\n')
-    sys.stderr.flush()
-    os._exit(EXIT_INTERRUPTED)
+    interrupts.exit_interrupted()
 
 
 class _Staging:
