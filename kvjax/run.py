@@ -28,7 +28,6 @@ from kvjax import kernels
 from kvjax import metrics
 from kvjax import wan_dir as wan_io
 from kvjax.cache.base import CacheMethod, CacheSpec
-from kvjax.kernels.rope import RopeGrid
 from kvjax.model import WanConfig, count_params
 from kvjax.sampler import Noise, SamplerConfig, SelfForcing, load_noise, make_noise, noise_shapes
 
@@ -197,8 +196,7 @@ def resolve(config: ml_collections.ConfigDict, *, method: str = 'bf16',
                    frame_tokens=(height // ph) * (width // pw), block_frames=bf,
                    window_frames=window, sink_frames=sink, dtype=model_cfg.cdtype,
                    total_frames=frames,
-                   rope=RopeGrid(model_cfg.head_dim, height // ph, width // pw,
-                                 model_cfg.rope_max_frames, model_cfg.rope_theta))
+                   rope=model_cfg.rope_grid(height // ph, width // pw))
   jax.eval_shape(lambda: m.init(spec))   # the method's geometry errors, before any work
   config.video.num_latent_frames = frames
   config.video.batch_size = batch

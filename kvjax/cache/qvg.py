@@ -362,8 +362,8 @@ class QVG(CacheMethod):
     g = self.geometry(spec)
     packed = tree_nbytes((state.k, state.v, state.kc, state.vc))
     frames = g.spans * g.span
-    bf16 = 2 * 2 * spec.num_layers * spec.batch * frames * spec.frame_tokens * spec.num_heads \
-        * spec.head_dim
+    bf16 = (2 * spec.num_layers * spec.batch * frames
+            * F.Dense(jnp.bfloat16).record_bytes(spec.frame_tokens, spec.num_heads, spec.head_dim))
     fmt = self.codec(spec.dtype, spec.head_dim)
     per_span = (g.span * fmt.record_bytes(spec.frame_tokens, spec.num_heads, spec.head_dim)
                 + fmt.shared_bytes(spec.num_heads, spec.head_dim))

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax.kernels import formats as F
-from kvjax.numerics import cast, to_storage
+from kvjax.numerics import to_storage
 
 f32 = jnp.float32
 
@@ -159,7 +159,6 @@ def read_chunk(src: Source, j, dtype):
   kr, vr = read_records(src, j)
   k = src.kfmt.decode(kr, dtype)[:, 0]
   v = src.vfmt.decode(vr, dtype)[:, 0]
-  if src.rope is not None:
-    # The model's rotation of the key in its storage dtype (bf16 keys rotate from bf16 values).
-    k = cast(src.rope.rotate_frame(k, src.positions[j]).astype(f32), dtype)
+  if src.rope is not None:    # the model's rotation (float32, result in the key's dtype)
+    k = src.rope.rotate_frame(k, src.positions[j])
   return k, v, chunk_bias(src, j, k.shape[0])

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax.numpy as jnp
 from kvjax.configlib import FrozenConfig
+from kvjax.kernels.rope import RopeGrid
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -71,6 +72,11 @@ class WanConfig(FrozenConfig):
   @property
   def head_dim(self) -> int:
     return self.dim // self.num_heads
+
+  def rope_grid(self, height: int, width: int) -> RopeGrid:
+    """The RoPE of a frame of ``height x width`` tokens (after patchify): the one description
+    the model rotates with and pre-RoPE caches read with (``CacheSpec.rope``)."""
+    return RopeGrid(self.head_dim, height, width, self.rope_max_frames, self.rope_theta)
 
   @property
   def patch_dim(self) -> int:

@@ -230,10 +230,14 @@ class WanDiT(nnx.Module):
     (x, extra), _ = jax.lax.scan(body, (x, carry_init), (state, *cross_kv, layers))
     return x, extra
 
-  def _rope(self, start_frame, nf, hh, ww):
+  def _grid(self, hh, ww) -> rope.RopeGrid:
     _, ph, pw = self.cfg.patch_size
-    return rope.block_angles(start_frame, nf, hh // ph, ww // pw, head_dim=self.cfg.head_dim,
-                             max_pos=self.cfg.rope_max_frames, theta=self.cfg.rope_theta)
+    return self.cfg.rope_grid(hh // ph, ww // pw)
+
+  def _rope(self, start_frame, nf, hh, ww):
+    g = self._grid(hh, ww)
+    return rope.block_angles(start_frame, nf, g.height, g.width, head_dim=g.head_dim,
+                             max_pos=g.max_pos, theta=g.theta)
 
   def forward_cached(self, x, t, cross_kv, start_frame, *, cache=None, method=None,
                      write: bool = False, impl: str = 'auto', info=None, predict: bool = True):
@@ -272,6 +276,9 @@ class WanDiT(nnx.Module):
         raise ValueError('write=True needs a cache method')
 
       base_info = info if info is not None else AppendInfo(start_frame=start_frame)
+      if method.pre_rope_keys and cache.spec.rope != self._grid(hh, ww):
+        raise ValueError(f'{method.name} stores pre-RoPE keys, and its CacheSpec.rope '
+                         f'{cache.spec.rope} is not the model\'s {self._grid(hh, ww)}')
 
       def update(layer, state, k, v, token):
         start = ordered_after(base_info.start_frame, token)
