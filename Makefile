@@ -7,6 +7,7 @@ EXTRAS ?= torch,test
 .PHONY: setup demo test plan clean
 
 $(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "error: kvjax needs Python 3.11 (found " + sys.version.split()[0] + "); set PYTHON=/path/to/python3.11")'
 	$(PYTHON) -m venv $(VENV)
 	@echo "installing kvjax[$(EXTRAS)] and its dependencies into $(VENV) (2-3 min, quiet) ..."
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"

@@ -103,7 +103,7 @@ def list_methods() -> str:
 
 
 HELP_FLAGS = ('-h', '--help', '-help', '-?', '--helpshort', '--helpfull')
-INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError)
+INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotImplementedError)
 
 
 def _interrupted() -> None:

@@ -87,12 +87,26 @@ def _load_text_states(path: str, model_cfg: WanConfig) -> np.ndarray:
 
 
 def _check_outdir(outdir: str | None) -> None:
-  if outdir and os.path.exists(outdir):
+  """--outdir must be new or empty, and creatable: checked before any work (a rollout at 1.3B
+  would otherwise end in a write error)."""
+  if not outdir:
+    return
+  if os.path.exists(outdir):
     if not os.path.isdir(outdir):
       raise FileExistsError(f'--outdir {outdir} exists and is not a directory')
     if os.listdir(outdir):
       raise FileExistsError(f'--outdir {outdir} exists and is not empty; refusing to overwrite '
                             'a previous result (choose a new directory or remove it)')
+  parent = os.path.dirname(os.path.abspath(outdir))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise FileExistsError(f'--outdir {outdir}: {parent} is a file, not a folder')
+  try:                 # a real probe: permission bits say nothing for root or read-only mounts
+    os.rmdir(tempfile.mkdtemp(prefix='.kvjax-probe-', dir=parent))
+  except OSError as e:
+    raise PermissionError(f'--outdir {outdir}: cannot create folders in {parent} '
+                          f'({e.strerror})') from None
 
 
 def resolve(config: ml_collections.ConfigDict, *, method: str = 'bf16',
@@ -276,8 +290,7 @@ def default_outdir(s: RunSettings) -> str:
   return os.path.join('runs', f'{stamp}_{s.config_name}_{s.method.name.lower()}_seed{s.seed}')
 
 
-def generate(s: RunSettings, *, progress: bool = True, log=print,
-             save_inputs: bool = False) -> dict[str, Any]:
+def generate(s: RunSettings, *, progress: bool = True, save_inputs: bool = False) -> dict[str, Any]:
   """Runs the rollout (and its reference) and writes the result directory atomically.
 
   ``save_inputs``: also write the run's inputs as ``noise.npz`` (arrays ``initial``,
@@ -288,7 +301,7 @@ def generate(s: RunSettings, *, progress: bool = True, log=print,
   _check_outdir(outdir)
   gdef = ckpt.graphdef(s.model_cfg)
   if s.checkpoint:
-    _, params = ckpt.load(s.checkpoint, param_dtype=s.model_cfg.param_dtype)
+    params = ckpt.restore_tree(s.checkpoint, ckpt.abstract_params(s.model_cfg))  # config read in resolve
   else:
     params = ckpt.init_params(s.model_cfg, s.weight_seed)
   noise = s.noise if s.noise is not None else make_noise(

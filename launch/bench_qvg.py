@@ -70,7 +70,7 @@ def fidelity(config: str, method: str, args: str | None) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     s = run.resolve(get_config(config), method=method, method_args=args,
                     outdir=os.path.join(tmp, 'run'))
-    res = run.generate(s, progress=False, log=lambda *a, **k: None)
+    res = run.generate(s, progress=False)
     with open(os.path.join(tmp, 'run', 'curves.csv')) as f:
       rows = list(csv.DictReader(f))
   bf = s.sampler_cfg.block_frames
