@@ -66,23 +66,29 @@ def from_storage(x, dtype):
 def fwht(x: jax.Array, dtype=None) -> jax.Array:
   """Normalized fast Walsh-Hadamard transform over the last axis (natural/Sylvester order).
 
-  log2(H) butterfly stages (a + b, a - b) over halves of growing size, then / sqrt(H); each
-  stage is rounded to ``dtype`` (default x.dtype), as the study computes it in BF16. The
+  log2(H) butterfly stages (a + b, a - b) over halves of growing size, then times the float32
+  reciprocal of sqrt(H) (how torch on CUDA divides by a Python number); each stage is computed in
+  float32 and rounded to ``dtype`` (default x.dtype), as the study computes it in BF16. The
   orthonormal, symmetric matrix is its own inverse.
   """
   dtype = jnp.dtype(dtype or x.dtype)
   h = x.shape[-1]
   if h & (h - 1):
     raise ValueError(f'Hadamard size must be a power of two (got {h})')
-  y = x.astype(dtype)
+  def rnd(y):                                     # float32 rounded to ``dtype``'s precision
+    if dtype == jnp.dtype(f32):
+      return y
+    return round_bf16(y) if dtype == jnp.dtype(jnp.bfloat16) else y.astype(dtype).astype(f32)
+
+  y = rnd(x.astype(f32))
   lead = y.shape[:-1]
   size = 1
   while size < h:
     y = y.reshape(*lead, h // (2 * size), 2, size)
     a, b = y[..., 0, :], y[..., 1, :]
-    y = jnp.stack([a + b, a - b], axis=-2).reshape(*lead, h)
+    y = rnd(jnp.stack([a + b, a - b], axis=-2).reshape(*lead, h))
     size *= 2
-  return (y / jnp.asarray(math.sqrt(h), dtype)).astype(dtype)
+  return rnd(y * (np.float32(1) / np.float32(math.sqrt(h)))).astype(dtype)
 
 
 def hadamard_matrix(h: int) -> np.ndarray:

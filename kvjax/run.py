@@ -27,6 +27,7 @@ from kvjax import checkpoint as ckpt
 from kvjax import kernels
 from kvjax import metrics
 from kvjax import wan_dir as wan_io
+from kvjax.cache import accounting
 from kvjax.cache.base import CacheMethod, CacheSpec
 from kvjax.model import WanConfig, count_params
 from kvjax.sampler import Noise, SamplerConfig, SelfForcing, load_noise, make_noise, noise_shapes
@@ -344,6 +345,8 @@ def generate(s: RunSettings, *, progress: bool = True, save_inputs: bool = False
       latent_shape=list(latents.shape), params=count_params(params),
       kv_cache_bytes=kv, bf16_kv_cache_bytes=bf16,
       compression_ratio=(bf16 / kv) if kv else None,
+      study_compression_ratio=accounting.study_ratio(s.method, s.spec, cache),
+      method_counters=s.method.counters(cache),
       runtime_s=stats.runtime_s, compile_s=stats.compile_s, dit_calls=stats.dit_calls,
       reused_steps=stats.reused_steps,
       reuse_mean_rel_l1=(float(np.mean(stats.reuse_rel_l1)) if stats.reuse_rel_l1 else None),

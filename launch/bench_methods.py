@@ -4,6 +4,12 @@ BF16, and compile-only memory at the full 1.3B config.
   python launch/bench_methods.py                              # tiny + mid timings, 1.3B plan
   python launch/bench_methods.py --configs=mid --methods=rtn_int4,softprune_int4 --no_plan
   python launch/bench_methods.py --out=bench.md               # also write the markdown
+  python launch/bench_methods.py --modes=study                # the study's behaviour only
+
+Modes: every method is measured as the study ran it (its name's defaults) and, in a second row
+``NAME [fixed]``, with kvjax's corrections (``CacheMethod.FIXES``: quantize once instead of
+re-encoding the history on every call, unclamped zero-points, ...), so the cost of the study's
+bugs in time, memory and bytes is visible side by side.
 
 Timing: the cache is filled by context passes of every block but the last (a full window),
 then the last block's denoising call and context pass are timed ``--repeats`` times. A sample
@@ -36,6 +42,7 @@ from kvjax import cache as kvcache  # noqa: E402
 from kvjax import checkpoint as ckpt  # noqa: E402
 from kvjax import kernels  # noqa: E402
 from kvjax import run  # noqa: E402
+from kvjax.cache import accounting  # noqa: E402
 from kvjax.sampler import SelfForcing  # noqa: E402
 
 REFERENCE = kvcache.BF16.name  # the baseline every method is timed and sized against
@@ -71,6 +78,9 @@ def prepare(config_name: str, method: str, params_cache: dict, impl: str = 'xla'
   box = [cache]
 
   def denoise():
+    if sf.recodes_every_call:           # the call re-encodes (and returns) the donated cache
+      v, box[0] = fn['denoise'](params, x, t, cross, box[0], start)
+      return v
     return fn['denoise'](params, x, t, cross, box[0], start)
 
   def context():
@@ -121,21 +131,43 @@ def time_against(ref: dict, run_: dict, repeats: int) -> dict:
     out[step + '_ratio'] = statistics.median(p[1] / p[0] for p in pairs)
   s = run_['settings']
   out.update(compile_s=run_['compile_s'], kv_bytes=s.method.nbytes(run_['box'][0]),
-             bf16_bytes=s.spec.bf16_bytes())
+             bf16_bytes=s.spec.bf16_bytes(),
+             study_ratio=accounting.study_ratio(s.method, s.spec, run_['box'][0]))
   return out
+
+
+def _fmt_ratio(r: float | None) -> str:
+  return '-' if r is None else f'{r:.3f}'
 
 
 def plan_method(method: str, config_name: str, method_args: str | None = None) -> dict:
   s = run.resolve(get_config(config_name), method=method, method_args=method_args)
   p = run.plan(s)
   out = dict(kv_bytes=p['kv_cache_bytes'], bf16_bytes=p['bf16_kv_cache_bytes'],
-             ratio=p['compression_ratio'])
+             ratio=p['compression_ratio'], study_ratio=accounting.study_ratio(s.method, s.spec))
   for step in ('denoise_step', 'context_pass'):
     m = p[step]
     upcast = m.get('cpu_weight_upcast_bytes', 0)
     out[step] = m['argument_size_in_bytes'] + m['temp_size_in_bytes'] - upcast
     out[step + '_full_copies'] = m['full_extent_float_cache_arrays']
   return out
+
+
+MODES = ('study', 'fixed')
+
+
+def variants(method: str, modes) -> list[tuple[str, str | None]]:
+  """(row label, ``--method_args``) of ``method`` in each mode: 'study' is the paper name as the
+  study ran it (the default parameters), 'fixed' applies kvjax's corrections
+  (``CacheMethod.FIXES``; no row when the method has none)."""
+  out = []
+  for mode in modes:
+    if mode == 'study' or method == REFERENCE:
+      out.append((method, None))
+    elif kvcache.get(method).FIXES:
+      fixes = kvcache.get(method).FIXES
+      out.append((f'{method} [fixed]', ','.join(f'{k}={v}' for k, v in fixes.items())))
+  return list(dict.fromkeys(out))
 
 
 def main(argv=None):
@@ -149,7 +181,14 @@ def main(argv=None):
   ap.add_argument('--no_plan', action='store_true')
   ap.add_argument('--out', default=None, help='write the markdown tables here too')
   ap.add_argument('--json', default=None, help='write raw numbers as JSON')
+  ap.add_argument('--modes', default='study,fixed',
+                  help="comma list of 'study' (each name as the study ran it) and 'fixed' (with "
+                       "kvjax's corrections, CacheMethod.FIXES): what the study's bugs cost")
   args = ap.parse_args(argv)
+  modes = [m for m in args.modes.split(',') if m]
+  bad = sorted(set(modes) - set(MODES))
+  if bad or not modes:
+    ap.error(f'--modes: unknown {bad or "(empty)"}; valid: {", ".join(MODES)}')
   methods = list(kvcache.PAPER_NAMES) if args.methods == 'all' else [
       kvcache.canonical(m) for m in args.methods.split(',')]
   if REFERENCE not in methods:
@@ -161,33 +200,36 @@ def main(argv=None):
   for cfg in configs:
     rows = {}
     ref = prepare(cfg, REFERENCE, params_cache, args.impl)
-    for m in methods:
-      rows[m] = time_against(ref, ref if m == REFERENCE else prepare(cfg, m, params_cache, args.impl), args.repeats)
-      print(f'[{cfg}] {m:45s} denoise {rows[m]["denoise_ms"]:8.2f} ms x{rows[m]["denoise_ratio"]:.2f}  '
+    for m, margs in [v for name in methods for v in variants(name, modes)]:
+      run_ = ref if m == REFERENCE else prepare(cfg, m.split(' ')[0], params_cache, args.impl, margs)
+      rows[m] = time_against(ref, run_, args.repeats)
+      print(f'[{cfg}] {m:53s} denoise {rows[m]["denoise_ms"]:8.2f} ms x{rows[m]["denoise_ratio"]:.2f}  '
             f'context {rows[m]["context_ms"]:8.2f} ms x{rows[m]["context_ratio"]:.2f}',
             file=sys.stderr, flush=True)
     raw['timing'][cfg] = rows
     lines += [f'\n### Step time, config `{cfg}` ({raw["backend"]}; median of {args.repeats} '
               'interleaved method/BF16 pairs)\n',
-              '| method | denoise ms | x BF16 | context ms | x BF16 | KV bytes | ratio |',
-              '|---|---:|---:|---:|---:|---:|---:|']
+              '| method | denoise ms | x BF16 | context ms | x BF16 | KV bytes | ratio | study ratio |',
+              '|---|---:|---:|---:|---:|---:|---:|---:|']
     for m, r in rows.items():
       lines.append(f'| {m} | {r["denoise_ms"]:.2f} | {r["denoise_ratio"]:.2f} | '
                    f'{r["context_ms"]:.2f} | {r["context_ratio"]:.2f} | '
-                   f'{r["kv_bytes"]:,} | {r["bf16_bytes"] / r["kv_bytes"]:.3f} |')
+                   f'{r["kv_bytes"]:,} | {r["bf16_bytes"] / r["kv_bytes"]:.3f} | '
+                   f'{_fmt_ratio(r["study_ratio"])} |')
   if not args.no_plan:
     rows = {}
-    for m in methods:
-      rows[m] = plan_method(m, args.plan_config)
+    for m, margs in [v for name in methods for v in variants(name, modes)]:
+      rows[m] = plan_method(m.split(' ')[0], args.plan_config, margs)
       print(f'[plan] {m:45s} kv {rows[m]["kv_bytes"]:,}', file=sys.stderr, flush=True)
     raw['plan'] = rows
     b = rows[REFERENCE]
     lines += [f'\n### Compile-only memory at `{args.plan_config}` (bytes; arguments + temp, CPU weight upcast removed)\n',
-              '| method | KV bytes | ratio | denoise step | x BF16 | context pass | x BF16 | full-size float cache copies |',
-              '|---|---:|---:|---:|---:|---:|---:|---|']
+              '| method | KV bytes | ratio | study ratio | denoise step | x BF16 | context pass | x BF16 | full-size float cache copies |',
+              '|---|---:|---:|---:|---:|---:|---:|---:|---|']
     for m, r in rows.items():
       copies = sorted(set(r['denoise_step_full_copies'] + r['context_pass_full_copies']))
-      lines.append(f'| {m} | {r["kv_bytes"]:,} | {r["ratio"]:.3f} | {r["denoise_step"]:,} | '
+      lines.append(f'| {m} | {r["kv_bytes"]:,} | {r["ratio"]:.3f} | {_fmt_ratio(r["study_ratio"])} | '
+                   f'{r["denoise_step"]:,} | '
                    f'{r["denoise_step"] / b["denoise_step"]:.3f} | {r["context_pass"]:,} | '
                    f'{r["context_pass"] / b["context_pass"]:.3f} | {", ".join(copies) or "none"} |')
   write_outputs('\n'.join(lines), raw, args.out, args.json)

@@ -146,10 +146,10 @@ def test_explicit_noise_is_deterministic(cfg32, params32, text32, sampler_cfg):
 
 
 def test_method_hooks_select_the_step_functions(cfg32, sampler_cfg):
-  """Step reuse and the per-call refresh come from the method's declared hooks (no probing)."""
+  """Step reuse comes from the method's declared hooks (no probing)."""
   spec = kvcache.CacheSpec(batch=1, num_layers=cfg32.num_layers, num_heads=cfg32.num_heads,
                            head_dim=cfg32.head_dim, frame_tokens=16, block_frames=3,
-                           window_frames=9, dtype=cfg32.cdtype)
+                           window_frames=9, dtype=cfg32.cdtype, total_frames=9)
   abstract = ckpt.abstract_params(cfg32)
 
   def steps(method):
@@ -162,4 +162,29 @@ def test_method_hooks_select_the_step_functions(cfg32, sampler_cfg):
   assert steps(kvcache.get('prune_int4')) == (0.0, base)
   assert steps(kvcache.get('native')) == (1.5, base | {'feature', 'rel_l1'})
   assert steps(kvcache.get('native', reuse_threshold=0.0)) == (0.0, base)
-  assert steps(kvcache.get('rtn_int4', requantize='every_call')) == (0.0, base | {'refresh'})
+  assert steps(kvcache.get('rtn_int4', requantize='every_call')) == (0.0, base)
+
+
+def test_flowcache_native_reuses_one_step_a_block_at_1_5_and_none_at_0_1(cfg32, params32,
+                                                                          sampler_cfg):
+  """The study's logged reuse counts (one of four denoising steps a block at 1.5, none at 0.1;
+  at 0.1 the output equals BF16's bit for bit), with the reused step named."""
+  spec = kvcache.CacheSpec(batch=1, num_layers=cfg32.num_layers, num_heads=cfg32.num_heads,
+                           head_dim=cfg32.head_dim, frame_tokens=16, block_frames=3,
+                           window_frames=9, dtype=cfg32.cdtype)
+  noise = make_noise(0, 1, 9, cfg32.in_dim, 8, 8, sampler_cfg)
+  text = np.random.default_rng(1).standard_normal((1, cfg32.text_len, cfg32.text_dim))
+
+  def roll(method):
+    sf = SelfForcing(cfg32, sampler_cfg, method, spec, latent_hw=(8, 8), impl='xla',
+                     graphdef=ckpt.graphdef(cfg32))
+    lat, _, stats = sf.rollout(params32, noise, text.astype(np.float32))
+    return lat, stats
+
+  bf16, _ = roll(kvcache.get('bf16'))
+  lat, stats = roll(kvcache.get('native'))
+  assert stats.reused_at == [(0, 1), (1, 1), (2, 1)] and stats.dit_calls == 3 * 4
+  assert not np.array_equal(lat, bf16)
+  lat, stats = roll(kvcache.get('native', reuse_threshold=0.1))
+  assert stats.reused_at == [] and stats.dit_calls == 3 * 5
+  np.testing.assert_array_equal(lat, bf16)

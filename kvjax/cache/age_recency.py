@@ -36,3 +36,9 @@ class AgeTierByAge(FlowCache):
   budget: str = 'linear'
   budget_min: float = 1.0
   budget_max: float = 1.0
+  # kvjax's planning (a fix, not a study row): the window's chunks, planned once a block ahead.
+  plan_scope: str = 'window'
+  plan_cadence: str = 'ahead'
+  plan_scores: str = 'exact'
+  prune_final: bool = True
+  FIXES = {}

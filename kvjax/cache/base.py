@@ -101,6 +101,9 @@ class CacheSpec:
             * self.head_dim)
 
 
+CADENCES = ('once', 'per_block', 'every_call')
+
+
 class AppendInfo(NamedTuple):
   """What the sampler tells a method when a block's clean K/V are appended.
 
@@ -158,10 +161,17 @@ class CacheMethod:
     rollout, e.g. FLOWCACHE_NATIVE's step reuse, sets it back to False).
   - ``build(**params)``: how ``kvcache.get`` constructs the method from its parameters.
   - ``step_reuse_threshold``: > 0 makes the sampler skip (reuse) denoising steps.
-  - ``refresh_every_call`` / ``refresh(state)``: re-encode the history before every DiT call.
-  - ``artifacts(state)``: extra files the launcher writes beside result.json.
+  - ``cadence`` / ``recode(state, layer, k, v, info)``: how often the stored history is
+    re-encoded from its own reconstruction (the study's hook re-quantized its whole buffer after
+    the attention of every DiT call, or once a block for its REFRESH names); kvjax's fix,
+    encoding each token once, is ``'once'``.
+  - ``artifacts(state)``: extra files the launcher writes beside result.json;
+    ``counters(state)``: event counts it writes into result.json (``method_counters``).
   - ``pre_rope_keys``: the model appends keys *before* RoPE (its sources rotate on read).
   - ``storage(state)``: a breakdown of the stored bytes for ``--plan`` (QVG's packed spans).
+  - ``FIXES`` / ``fixed()``: the parameters that replace the study's behaviour (each paper
+    name's default) by kvjax's corrections, and the method with all of them applied
+    (``launch/bench_methods.py --modes=study,fixed`` measures what the study's bugs cost).
   """
   name: ClassVar[str] = ''
   aliases: ClassVar[tuple[str, ...]] = ()
@@ -170,6 +180,7 @@ class CacheMethod:
   in_study: ClassVar[bool] = True
   beyond_study: ClassVar[bool] = False
   is_reference: ClassVar[bool] = False
+  FIXES: ClassVar[dict[str, Any]] = {}
 
   @classmethod
   def build(cls, **params: Any) -> CacheMethod:
@@ -180,6 +191,10 @@ class CacheMethod:
     """
     return cls(**params)
 
+  def fixed(self) -> CacheMethod:
+    """This method with kvjax's corrections (``FIXES``) over its current parameters."""
+    return type(self).build(**{**self.params(), **self.FIXES})
+
   @property
   def step_reuse_threshold(self) -> float:
     """> 0: the sampler skips a denoising step and reuses the last flow prediction while the
@@ -188,12 +203,31 @@ class CacheMethod:
     return 0.0
 
   @property
-  def refresh_every_call(self) -> bool:
-    """True: the sampler calls ``refresh`` on the cache before every DiT call (donating it)."""
-    return False
+  def cadence(self) -> str:
+    """When the stored history is re-encoded from its reconstruction (``CADENCES``):
 
-  def refresh(self, state):
-    """Re-encodes the stored history (only called when ``refresh_every_call``); identity here."""
+    - ``'once'`` (the default): every token is encoded once, when its block is appended;
+    - ``'per_block'``: the model calls ``recode`` at every layer of the clean context pass, after
+      the layer's attention and before the block is appended (the study's REFRESH names);
+    - ``'every_call'``: at every layer of every DiT call, the four noisy ones included (the study's
+      Gen A/B/C hook: dequantize, write, attend, re-quantize the whole cache). Denoising calls
+      then return the cache too (donated), so the sampler threads it through them.
+    """
+    return 'once'
+
+  def recode(self, state, layer, k, v, info: AppendInfo):
+    """Re-encodes the layer's stored history (frames before ``info.start_frame``) from its own
+    reconstruction, after the layer's attention of a call, as the study's hook did.
+
+    Args:
+      state: the cache state; layer: int32 layer index (may be traced).
+      k, v: [B, block_frames * frame_tokens, N, H] this call's K/V of the block being generated
+        (noisy on denoising calls, clean on the context pass): what the study's buffer held at
+        the block's slots when it re-quantized (methods with buffer-wide statistics use them).
+      info: the call's AppendInfo (its ``start_frame`` is the block's first frame).
+    Returns:
+      The new state. The default (cadence ``'once'``) returns it unchanged.
+    """
     return state
 
   @property
@@ -205,6 +239,11 @@ class CacheMethod:
 
   def storage(self, state) -> dict[str, Any]:
     """Named parts of the stored bytes (JSON-able) for ``--plan``; none by default."""
+    return {}
+
+  def counters(self, state) -> dict[str, int]:
+    """Event counts of the rollout for result.json (QAQ's outliers clamped for lack of
+    capacity); none by default."""
     return {}
 
   def artifacts(self, state) -> dict[str, Any]:

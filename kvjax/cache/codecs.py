@@ -18,6 +18,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kvjax.cache import quant
 from kvjax.kernels import formats as F
@@ -101,9 +102,20 @@ class Rotated(F.Rotated, Codec):
   """QuaRot: the normalized Hadamard transform over head_dim (per head), then ``inner``.
 
   The rotation is computed stage by stage in the input dtype, as the study's BF16 FWHT. Decoding
-  stays in the rotated basis (``rotated = True``).
+  stays in the rotated basis (``rotated = True``): kvjax's faster read, ``QuaRot(read_basis=
+  'rotated')``; ``Derotated`` reads the same records as the study does.
   """
   inner: Codec = SymRTN()
+
+  def encode(self, x, aux=None):
+    return self.inner.encode(fwht(x), aux)
+
+
+@dataclasses.dataclass(frozen=True)
+class Derotated(F.Derotated, Codec):
+  """QuaRot as the study reads it: encoded as ``Rotated``, decoded back to the original basis
+  (``formats.Derotated``)."""
+  inner: SymRTN = SymRTN()
 
   def encode(self, x, aux=None):
     return self.inner.encode(fwht(x), aux)
@@ -130,23 +142,39 @@ class PRQ(F.Residual, Codec):
 class Outliers(F.WithOutliers, Codec):
   """Elements with |x| > threshold * sigma kept exactly (int32 flat index + fp16 value).
 
-  ``sigma`` comes from the method through ``aux['sigma']`` (a float32 scalar). At most
-  ``capacity`` outliers a frame are kept (the largest |x|); the rest stay in the inner codec and
-  are counted in ``dropped``. ``clip`` (QAQ) clamps x to the bound before the inner codec; TPTQ
-  does not clip (its outliers still inflate their groups' scales, as in the study).
+  ``sigma`` comes from the method through ``aux['sigma']`` (a float32 scalar); the bound is
+  rounded as the study's (``bound``). At most ``capacity`` outliers a frame are kept (the largest
+  |x|); the rest stay in the inner codec and are counted in ``dropped`` (``overflow``). ``clip``
+  (QAQ) clamps x to the bound before the inner codec; TPTQ does not clip (its outliers still
+  inflate their groups' scales, as in the study).
   """
   inner: Codec = AsymGroup()
+
+  def bound(self, sigma: jax.Array, dtype) -> jax.Array:
+    """threshold * sigma as the study computes it (float32 scalar): sigma, its population std,
+    in the tensor dtype floored at 1e-8, times the threshold rounded to the tensor dtype again."""
+    sig = quant.floor_eps(quant.in_dtype(sigma, dtype), dtype)
+    return quant.in_dtype(sig * np.float32(self.threshold), dtype)
+
+  def outliers(self, x: jax.Array, sigma: jax.Array) -> jax.Array:
+    """x [B, F, P, N, H] -> [B, F, P*N*H] bool: |x| > bound (the study's outliers)."""
+    b, nf = x.shape[:2]
+    return jnp.abs(x.reshape(b, nf, -1).astype(f32)) > self.bound(sigma, x.dtype)
+
+  def overflow(self, x: jax.Array, sigma: jax.Array) -> jax.Array:
+    """[B, F] int32: outliers of each frame beyond the capacity (kept in the inner codec)."""
+    cap = self.capacity(*x.shape[2:])
+    return jnp.maximum(jnp.sum(self.outliers(x, sigma), axis=-1) - cap, 0).astype(jnp.int32)
 
   def encode(self, x, aux=None):
     if aux is None or 'sigma' not in aux:
       raise ValueError('Outliers codec needs aux["sigma"] from its method')
     b, nf, p, n, h = x.shape
     cap = self.capacity(p, n, h)
-    bound = self.threshold * aux['sigma'].astype(f32)
+    bound = self.bound(aux['sigma'], x.dtype)
     flat = x.reshape(b, nf, -1)
-    mag = jnp.abs(flat.astype(f32))
-    is_out = mag > bound
-    score = jnp.where(is_out, mag, -1.0)
+    is_out = self.outliers(x, aux['sigma'])
+    score = jnp.where(is_out, jnp.abs(flat.astype(f32)), -1.0)
     top, idx = jax.lax.top_k(score, cap)
     keep = top > 0
     vals = jnp.take_along_axis(flat, idx, axis=-1)

@@ -23,6 +23,7 @@ class KIVI(FrameRingMethod):
   group_size: int = 16
   clamp_zero_point: bool = True
   dequant_dtype: str = 'float32'
+  FIXES = {'requantize': 'once', 'clamp_zero_point': False}
 
   def __post_init__(self):
     super().__post_init__()
@@ -39,6 +40,7 @@ variant(KIVI, 'KIVI_INT4', ('kivi_int4', 'kivi4'), 'asymmetric INT4, keys per ch
         key_bits=4, value_bits=4)
 variant(KIVI, 'KIVI_INT2', ('kivi_int2', 'kivi2'), 'asymmetric INT2 (Gen A)', key_bits=2, value_bits=2)
 variant(KIVI, 'KIVI_INT4_REFRESH', ('kivi_int4_refresh', 'kivi_refresh'),
-        'asymmetric INT4 written once a block (Gen B, BF16 dequant)', dequant_dtype='bfloat16')
+        'asymmetric INT4 written once a block (Gen B, BF16 dequant)', dequant_dtype='bfloat16',
+        requantize='per_block')
 variant(KIVI, 'KIVI_K2_V4', ('kivi_k2_v4', 'kivi_k2v4'), 'keys INT2, values INT4 (Gen B)',
         key_bits=2, value_bits=4, dequant_dtype='bfloat16')

@@ -25,7 +25,7 @@ from flax import struct
 
 from kvjax import kernels
 from kvjax.cache import codecs as C
-from kvjax.cache.base import AppendInfo, CacheMethod, CacheSpec
+from kvjax.cache.base import CADENCES, AppendInfo, CacheMethod, CacheSpec
 from kvjax.kernels.source import frame_at, record_at
 from kvjax.numerics import from_storage, fwht, storage_dtype, to_storage
 
@@ -90,15 +90,21 @@ class FrameRingMethod(CacheMethod):
   """Generic frame-ring method; subclasses choose codecs and (optionally) aux statistics.
 
   Attributes:
-    requantize: 'once' (kvjax: each token encoded once, when appended) or 'every_call' (the
-      study's Gen A/C hook: the whole history is decoded and re-encoded before every DiT call,
-      5 times a block; off the fast path, it needs ``refresh`` and donated caches).
+    requantize: the cadence (``CacheMethod.cadence``). ``'every_call'`` (the study's Gen A/C hook
+      and its Gen B per-step policy): after the attention of every DiT call, the four noisy ones
+      included, every stored frame is decoded and re-encoded, frame by frame (no float copy of
+      the cache); ``'per_block'`` (the study's REFRESH names): the same once a block, at the
+      clean context pass; ``'once'`` (kvjax's fix): every token encoded once, when appended.
+      Re-encoding is idempotent for RTN and PRQ up to BF16 rounding of the reconstruction, but
+      not for the clamped zero-point of KIVI/QAQ: a saturated one-signed group collapses to
+      exactly 0 on its second encode (``quant.asym_params``).
   """
-  requantize: str = 'once'
+  requantize: str = 'every_call'
+  FIXES = {'requantize': 'once'}
 
   def __post_init__(self):
-    if self.requantize not in ('once', 'every_call'):
-      raise ValueError(f"requantize must be 'once' or 'every_call' (got {self.requantize!r})")
+    if self.requantize not in CADENCES:
+      raise ValueError(f'requantize must be one of {list(CADENCES)} (got {self.requantize!r})')
 
   # ------------------------------------------------------------------ hooks
   def codecs(self, spec: CacheSpec) -> tuple[C.Codec, C.Codec]:
@@ -112,12 +118,17 @@ class FrameRingMethod(CacheMethod):
     return {}
 
   def encode_aux(self, state: RingState, layer, x_k, x_v, first_frame):
-    """(aux_k, aux_v, new_stats) for encoding frames x_k, x_v [B, F, P, N, H]."""
+    """(aux_k, aux_v, new_stats) for encoding frames x_k, x_v [B, F, P, N, H] at append."""
+    return None, None, state.stats
+
+  def recode_aux(self, state: RingState, layer, k, v, info: AppendInfo):
+    """(aux_k, aux_v, new_stats) for re-encoding the decoded records of every stored frame at
+    a call whose block K/V are k, v [B, T, N, H] (``recode``); none by default."""
     return None, None, state.stats
 
   @property
-  def refresh_every_call(self) -> bool:
-    return self.requantize == 'every_call'
+  def cadence(self) -> str:
+    return self.requantize
 
   # ------------------------------------------------------------------ geometry
   def _geometry(self, spec: CacheSpec):
@@ -219,28 +230,27 @@ class FrameRingMethod(CacheMethod):
                           n_recent, spec.frame_tokens)
     return out
 
-  def refresh(self, state: RingState) -> RingState:
-    """Decodes and re-encodes every stored frame (``requantize='every_call'``)."""
+  def recode(self, state: RingState, layer, k, v, info: AppendInfo) -> RingState:
+    """Decodes and re-encodes the layer's quantized frames, one slot at a time (see
+    ``requantize``); the exact recent window of ``_RECENT`` variants is left as it is."""
     spec = state.spec
     r, cq = self._geometry(spec)
-    kc, vc = self.codecs(spec)
     if cq == 0:
       return state
+    kc, vc = self.codecs(spec)
+    n_q, _ = self._counts(state, layer)
+    aux_k, aux_v, stats = self.recode_aux(state, layer, k, v, info)
 
-    def per_layer(layer, st):
-      n_q, _ = self._counts(st, layer)
+    def per_slot(j, st):
+      kx = kc.decode(record_at(st.k, layer, j), spec.dtype)
+      vx = vc.decode(record_at(st.v, layer, j), spec.dtype)
+      if kc.rotated:                        # records read in the Hadamard basis
+        kx, vx = fwht(kx), fwht(vx)
+      return st.replace(k=write_record(st.k, layer, j, kc.encode(kx, aux_k)),
+                        v=write_record(st.v, layer, j, vc.encode(vx, aux_v)))
 
-      def per_slot(j, st):
-        kx = kc.decode(record_at(st.k, layer, j), spec.dtype)
-        vx = vc.decode(record_at(st.v, layer, j), spec.dtype)
-        if kc.rotated:
-          kx, vx = fwht(kx), fwht(vx)
-        aux_k, aux_v, _ = self.encode_aux(st, layer, kx, vx, None)
-        return st.replace(k=write_record(st.k, layer, j, kc.encode(kx, aux_k)),
-                          v=write_record(st.v, layer, j, vc.encode(vx, aux_v)))
-      return jax.lax.fori_loop(0, n_q, per_slot, st)
-
-    return jax.lax.fori_loop(0, spec.num_layers, per_layer, state)
+    state = jax.lax.fori_loop(0, n_q, per_slot, state)
+    return state.replace(stats=stats)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +262,8 @@ class BF16(FrameRingMethod):
   family = 'BF16'
   is_reference = True
   description = 'reference: unquantized K/V in a ring of frame slots'
+  requantize: str = 'once'              # exact storage: re-encoding would be the identity
+  FIXES = {}
 
   def codecs(self, spec):
     d = C.Dense(spec.dtype)

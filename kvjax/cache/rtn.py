@@ -3,9 +3,11 @@
 Numerics follow the study's code generations: Gen A names (RTN_INT4, RTN_INT2) dequantize in
 float32, Gen B names (RTN_K2_V4, _RECENT2, _REFRESH) in BF16. ``recent_blocks = n`` keeps the
 newest n generation blocks (the block being generated included) exact, so n - 1 blocks of
-history stay in the compute dtype and older frames are quantized once, when they leave it.
-Under kvjax's quantize-once cache, ``_REFRESH`` (the study's refresh_only cadence) is the
-default behaviour of every method; the study's per-call requantization is ``requantize='every_call'``.
+history stay in the compute dtype and older frames are quantized.
+Cadence (``requantize``, ``ring.FrameRingMethod``): the Gen A names and the Gen B per-step names
+re-encode the history after every DiT call (``'every_call'``), the ``_REFRESH`` names once a
+block, at the clean context pass (``'per_block'``), as the study ran them; ``'once'`` is kvjax's
+quantize-once cache.
 """
 
 from __future__ import annotations
@@ -54,4 +56,4 @@ variant(RTN, 'RTN_INT4_RECENT2', ('rtn_int4_recent2', 'rtn_recent2'),
         key_bits=4, value_bits=4, dequant_dtype='bfloat16', recent_blocks=2)
 variant(RTN, 'RTN_INT4_REFRESH', ('rtn_int4_refresh', 'rtn_refresh'),
         'INT4 written once a block, at the clean pass (Gen B, BF16 dequant)',
-        key_bits=4, value_bits=4, dequant_dtype='bfloat16')
+        key_bits=4, value_bits=4, dequant_dtype='bfloat16', requantize='per_block')

@@ -18,6 +18,7 @@ Layouts (x: [B, F, P, N, H], G = group size):
                [0, P*N*H) is an unused slot; the codec writes P*N*H),
                out_val [B, F, cap] fp16 bits, dropped [B, F] int32 (QAQ, TPTQ keys)
   Rotated      inner record of the Hadamard-rotated tensor; decodes *in the rotated basis*
+  Derotated    a SymGroup record of the rotated tensor; decodes back to the original basis
   Split        fg_* record of the first ``n_fg`` tokens, bg_* of the rest (spatial methods)
 
 Token groups: a frame's P tokens form groups of G consecutive tokens and the last group absorbs
@@ -300,6 +301,25 @@ class Rotated(Format):
 
   def decode(self, rec, dtype):
     return self.inner.decode(rec, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Derotated(Format):
+  """A SymGroup record of the Hadamard-rotated tensor (QuaRot) read back in the original basis,
+  chunk by chunk: the codes times scales in ``dequant_dtype``, then the inverse transform
+  computed in that dtype, as the study's ``dequantize_kv`` (float32 in its Gen A/C, BF16 stage
+  by stage in Gen B); rounded to the reader's dtype only after that, as its BF16 cache. Readers
+  need no query rotation. (The fused kernel does not read it: the XLA walk does.)"""
+  inner: SymGroup = SymGroup()
+
+  def fields(self, b, f, p, n, h):
+    if h & (h - 1):
+      raise ValueError(f'QuaRot needs a power-of-two head_dim (got {h})')
+    return self.inner.fields(b, f, p, n, h)
+
+  def decode(self, rec, dtype):
+    dt = DEQUANT_DTYPES[self.inner.dequant_dtype]
+    return cast(fwht(self.inner.decode(rec, dt), dt).astype(f32), dtype)
 
 
 @dataclasses.dataclass(frozen=True)

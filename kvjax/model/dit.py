@@ -249,7 +249,9 @@ class WanDiT(nnx.Module):
       cross_kv: output of ``cross_kv``.
       start_frame: absolute index of the block's first frame (int32, may be traced).
       cache, method: cache state and its method (None: no history).
-      write: append the block's K/V to the cache (the clean context pass).
+      write: append the block's K/V to the cache (the clean context pass). Whatever ``write``,
+        a method with cadence ``'every_call'`` re-encodes its history (``method.recode``) after
+        each layer's attention, so the returned cache is then a new one.
       info: AppendInfo passed to ``method.append`` (default: AppendInfo(start_frame)).
       predict: compute the head (the flow prediction); False skips it (context pass).
     Returns:
@@ -270,24 +272,33 @@ class WanDiT(nnx.Module):
         return kernels.attention(q, [own, *hist], impl=impl)[0]
       return attn
 
+    # The context pass appends the block; a method whose cadence re-encodes its history does
+    # so after the layer's attention of every call ('every_call') or of the context pass only
+    # ('per_block'), before the append, as the study's hook re-quantized its whole buffer.
+    recode = method is not None and (method.cadence == 'every_call' or
+                                     (method.cadence == 'per_block' and write))
+    carry = write or recode
     update = None
-    if write:
-      if method is None:
-        raise ValueError('write=True needs a cache method')
-
+    if write and method is None:
+      raise ValueError('write=True needs a cache method')
+    if carry:
       base_info = info if info is not None else AppendInfo(start_frame=start_frame)
-      if method.pre_rope_keys and cache.spec.rope != self._grid(hh, ww):
+      if write and method.pre_rope_keys and cache.spec.rope != self._grid(hh, ww):
         raise ValueError(f'{method.name} stores pre-RoPE keys, and its CacheSpec.rope '
                          f'{cache.spec.rope} is not the model\'s {self._grid(hh, ww)}')
 
       def update(layer, state, k, v, token):
-        start = ordered_after(base_info.start_frame, token)
-        return method.append(state, layer, k, v, base_info._replace(start_frame=start))
+        call = base_info._replace(start_frame=ordered_after(base_info.start_frame, token))
+        if recode:
+          state = method.recode(state, layer, k, v, call)
+        if write:
+          state = method.append(state, layer, k, v, call)
+        return state
 
     x_out, new_cache = self._run_blocks(
-        tokens, e0, cross_kv, cos_sin, make_attn, carry_init=cache if write else None,
+        tokens, e0, cross_kv, cos_sin, make_attn, carry_init=cache if carry else None,
         update=update, pre_rope_keys=write and method.pre_rope_keys)
-    new_cache = new_cache if write else cache
+    new_cache = new_cache if carry else cache
     if not predict:
       return None, new_cache
     return self.unpatchify(self.head(x_out, e), hh, ww), new_cache

@@ -9,11 +9,16 @@ against the previous step is added to an accumulator; while the accumulator stay
 threshold the DiT call is skipped and the last computed flow prediction is reused; a computed
 step resets it. The first and the last denoising step of a block are always computed and the
 context pass is never skipped. With fresh re-noising every step the change is ~1.2 per step, so a
-threshold of 1.5 skips exactly one of the four steps of every block and 0.1 skips none — the
-study's logged behaviour (spec 3.9.7).
+threshold of 1.5 skips exactly one of the four steps of every block — always the second (step
+1: the first change is the only one below 1.5, and a skip is followed by two computed steps) —
+and 0.1 skips none: the study's logged counts (spec 3.9.7). What is reused is the last flow
+prediction (the x0 of the skipped step is computed from it at the step's own sigma); the study's
+notes speak of a cached "denoising residual", whose exact form is not published.
 
-Methods with ``refresh_every_call`` get their cache re-encoded (``method.refresh``) before every
-DiT call, the context pass included.
+Cadence (``CacheMethod.cadence``). A method that re-encodes its history on every DiT call (the
+study's hook) does it inside the model, per layer after attention (``method.recode``); its
+denoising step then returns the cache too, donated, and the rollout threads it through the four
+noisy calls as well as the context pass.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class RolloutStats:
   runtime_s: float = 0.0
   dit_calls: int = 0
   reused_steps: int = 0
+  reused_at: list = dataclasses.field(default_factory=list)   # (block, denoising step) pairs
   reuse_rel_l1: list = dataclasses.field(default_factory=list)
 
 
@@ -82,12 +88,18 @@ class SelfForcing:
     return self._model(params).cross_kv(text_states)
 
   def denoise_fn(self, params, x_t, t, cross_kv, cache, start_frame):
-    """One denoising call: x_t [B, bf, C, h, w] float32 -> flow prediction v float32."""
+    """One denoising call: x_t [B, bf, C, h, w] float32 -> flow prediction v float32, or
+    (v, cache) when the method re-encodes its history on every call (``recodes_every_call``)."""
     b, nf = x_t.shape[:2]
     tt = jnp.full((b, nf), t, f32)
-    v, _ = self._model(params).forward_cached(x_t, tt, cross_kv, start_frame, cache=cache,
-                                              method=self.method, impl=self.impl)
-    return v
+    v, cache = self._model(params).forward_cached(x_t, tt, cross_kv, start_frame, cache=cache,
+                                                  method=self.method, impl=self.impl)
+    return (v, cache) if self.recodes_every_call else v
+
+  @property
+  def recodes_every_call(self) -> bool:
+    """The method's cadence is 'every_call': denoising calls change (and return) the cache."""
+    return self.method.cadence == 'every_call'
 
   def feature_fn(self, params, x_t, t):
     b, nf = x_t.shape[:2]
@@ -144,8 +156,9 @@ class SelfForcing:
     p = a['params']
     out = dict(
         encode=lambda: jax.jit(self.encode_fn).lower(p, a['text']),
-        denoise=lambda: jax.jit(self.denoise_fn).lower(p, a['x'], a['scalar'], a['cross'],
-                                                       a['cache'], a['start']),
+        denoise=lambda: jax.jit(self.denoise_fn,
+                                donate_argnums=(4,) if self.recodes_every_call else ()).lower(
+                                    p, a['x'], a['scalar'], a['cross'], a['cache'], a['start']),
         context=lambda: jax.jit(self.context_fn, donate_argnums=(3,)).lower(
             p, a['x'], a['cross'], a['cache'], a['start']),
         x0=lambda: jax.jit(self.x0_fn).lower(a['x'], a['x'], a['scalar']),
@@ -155,8 +168,6 @@ class SelfForcing:
       feat = jax.eval_shape(self.feature_fn, p, a['x'], a['scalar'])
       out['feature'] = lambda: jax.jit(self.feature_fn).lower(p, a['x'], a['scalar'])
       out['rel_l1'] = lambda: jax.jit(self.rel_l1_fn).lower(feat, feat)
-    if self.method.refresh_every_call:
-      out['refresh'] = lambda: jax.jit(self.method.refresh, donate_argnums=(0,)).lower(a['cache'])
     return out
 
   def lower(self, params, text_len: int, text_dim: int):
@@ -217,7 +228,6 @@ class SelfForcing:
     num_blocks = nf // bf
     steps = len(self.timesteps)
     tau = self.reuse_threshold
-    refresh = fn.get('refresh')
     for blk in range(num_blocks):
       start = jnp.int32(blk * bf)
       x = init[:, blk * bf:(blk + 1) * bf]
@@ -236,18 +246,18 @@ class SelfForcing:
           feat_prev = feat
         if reuse:
           stats.reused_steps += 1
+          stats.reused_at.append((blk, i))
         else:
-          if refresh is not None:
-            cache = refresh(cache)
-          v = fn['denoise'](params, x, t32, cross, cache, start)
+          if self.recodes_every_call:
+            v, cache = fn['denoise'](params, x, t32, cross, cache, start)
+          else:
+            v = fn['denoise'](params, x, t32, cross, cache, start)
           stats.dit_calls += 1
           acc = 0.0
         x0 = fn['x0'](x, v, s32)
         if i + 1 < steps:
           x = fn['renoise'](x0, renoise[blk, i], jnp.float32(self.sigmas[i + 1]))
       out.append(x0)
-      if refresh is not None:
-        cache = refresh(cache)
       cache = fn['context'](params, x0, cross, cache, start)
       stats.dit_calls += 1
       if on_block is not None:

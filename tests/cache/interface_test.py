@@ -72,12 +72,12 @@ def test_step_reuse_threshold():
   assert kvcache.get('prune_int4', reuse_threshold=2.0).step_reuse_threshold == 2.0
 
 
-def test_refresh_and_artifacts_defaults():
-  assert not any(kvcache.get(n).refresh_every_call for n in kvcache.names())
-  assert kvcache.get('RTN_INT4', requantize='every_call').refresh_every_call
-  m = kvcache.get('FLOWCACHE_PRUNE_INT4')                           # base defaults
+def test_cadence_and_artifacts_defaults():
+  assert kvcache.get('RTN_INT4', requantize='once').cadence == 'once'
+  m = kvcache.get('AGE_TIER_INT4')                                  # base defaults
+  assert m.cadence == 'once'
   state = jax.eval_shape(lambda: m.init(SPEC))
-  assert m.refresh(state) is state
+  assert m.recode(state, 0, None, None, None) is state
   assert m.artifacts(state) == {} and kvcache.get('BF16').artifacts(None) == {}
   prof = kvcache.get('FLOWCACHE_PROFILE')
   assert set(prof.artifacts(prof.init(SPEC))) == {'budget_table.json'}
@@ -128,7 +128,8 @@ def test_age_recency_equals_the_flowcache_hybrid_it_replaced():
   parameters (what AGE_TIER delegated to before); control: another recent_ratio differs."""
   new = kvcache.get('AGE_TIER_INT2', recency='age', recent_ratio=0.6)
   old = FlowCache(kind='hybrid', bits=2, recent_bits=4, recent_ratio=0.6, budget='linear',
-                  budget_min=1.0, budget_max=1.0, group_size=16)
+                  budget_min=1.0, budget_max=1.0, group_size=16, plan_scope='window',
+                  plan_cadence='ahead', plan_scores='exact', prune_final=True)
   control = dataclasses.replace(old, recent_ratio=0.3)
   assert new.slot_counts(SPEC) == old.slot_counts(SPEC)
   s_new, s_old, s_ctl = _run(new), _run(old), _run(control)

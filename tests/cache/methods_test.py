@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from kvjax import cache as kvcache
+from kvjax.numerics import fwht
 from kvjax import kernels
 from kvjax.cache import AppendInfo, CacheSpec
 from kvjax.cache import flowcache as fc
@@ -36,7 +37,13 @@ def _blocks(seed=0, head_dim=32):
 
 @functools.lru_cache(maxsize=None)
 def _jit_append(method):
-  return jax.jit(method.append)
+  """The context pass of one layer as the model runs it: ``recode`` first when the method
+  re-encodes its history on that pass (cadence 'every_call' or 'per_block'), then ``append``."""
+  def context(state, layer, k, v, info):
+    if method.cadence != 'once':
+      state = method.recode(state, layer, k, v, info)
+    return method.append(state, layer, k, v, info)
+  return jax.jit(context)
 
 
 @functools.lru_cache(maxsize=None)
@@ -125,7 +132,9 @@ def test_attend_equals_materialize_plus_dense(name):
 # reads every format, exact outliers and the byte-pool log of positional tiers included.
 # head_dim 64 so that INT2 channel slices are 16 wide (the minimum of a Triton dot; at head_dim
 # 32 INT2 sources fall back).
-KERNEL_FALLBACK = set()
+# QuaRot read back in the original basis (formats.Derotated, the study's numerics): the XLA walk.
+KERNEL_FALLBACK = {'QUAROT_KV_INT4', 'QUAROT_KV_INT2', 'QUAROT_KV_INT4_RECENT2',
+                   'QUAROT_KV_INT4_REFRESH', 'SPATIAL_MIXED_FG_QUAROT_KV_INT4_BG_RTN_INT2'}
 SPEC64 = dataclasses.replace(SPEC, head_dim=64)
 
 
@@ -185,7 +194,7 @@ def test_attention_close_to_exact(name):
 
 def test_quantize_once_records_never_change():
   """RTN: a frame's codes are written once; later appends leave them bit-identical."""
-  m = kvcache.get('RTN_INT4')
+  m = kvcache.get('RTN_INT4', requantize='once')
   snaps = []
   _run(m, check=lambda st, b: snaps.append(jax.tree.map(np.asarray, st.k)))
   # Frame 1 (a rolling frame) sits in slot 1 from block 0 until it is evicted.
@@ -194,13 +203,13 @@ def test_quantize_once_records_never_change():
       np.testing.assert_array_equal(snaps[b][key][:, :, 1], snaps[0][key][:, :, 1])
 
 
-def test_requantize_every_call_is_idempotent_for_rtn():
-  m = kvcache.get('RTN_INT4', requantize='every_call')
+def test_requantize_every_call_is_idempotent_for_rtn_in_float32():
+  m = kvcache.get('RTN_INT4')
   state = _final_state('RTN_INT4')
-  again = jax.jit(m.refresh)(state)
+  k = jnp.zeros((1, 120, 2, 32), jnp.float32)
+  again = jax.jit(m.recode)(state, jnp.int32(0), k, k, AppendInfo(jnp.int32(3 * BLOCKS)))
   for key in state.k:
     np.testing.assert_array_equal(np.asarray(again.k[key]), np.asarray(state.k[key]))
-  assert m.refresh_every_call and not kvcache.get('RTN_INT4').refresh_every_call
 
 
 def test_recent_window_keeps_the_previous_block_exact():
@@ -218,7 +227,8 @@ def test_recent_window_keeps_the_previous_block_exact():
 @pytest.mark.parametrize('name,kind', [('FLOWCACHE_HYBRID_INT2', 'hybrid'), ('FLOWCACHE_ADAPTIVE_INT2', 'adaptive'),
                                        ('FLOWCACHE_PRUNE_INT2', 'prune'), ('FLOWCACHE_SOFT_PRUNE_INT4', 'prune')])
 def test_flowcache_tier_counts_follow_the_plan(name, kind):
-  m = kvcache.get(name)
+  m = kvcache.get(name, plan_scope='window', plan_cadence='ahead', plan_scores='exact',
+                  prune_final=True)                  # kvjax's planning (flowcache_test: the study's)
   budgets = fc.layer_budgets(m.budget, SPEC.num_layers)
   seen = []
 
@@ -330,10 +340,10 @@ def test_nan_input_propagation_is_documented(name):
   assert not np.all(np.isfinite(np.asarray(kk)[np.isfinite(np.asarray(bias))]))
 
 
-def test_spatial_quarot_read_in_rotated_basis_equals_plain_decode():
-  """The QuaRot-foreground spatial store is read as a rotated foreground source (query rotated,
-  output rotated back) and a plain background source; that equals attention over every slot
-  decoded in the plain basis."""
+def test_spatial_quarot_read_equals_plain_decode():
+  """The QuaRot-foreground spatial store (read back in the original basis, as the study) and its
+  plain background source: attention equals attention over every slot decoded in the plain
+  basis; control: keys left in the Hadamard basis give another output."""
   name = 'SPATIAL_MIXED_FG_QUAROT_KV_INT4_BG_RTN_INT2'
   m = kvcache.get(name)
   state = _final_state(name)
@@ -346,8 +356,7 @@ def test_spatial_quarot_read_in_rotated_basis_equals_plain_decode():
   q = jnp.asarray(np.random.default_rng(5).standard_normal((1, 7, 2, 32)).astype(np.float32))
   out = m.attend(state, jnp.int32(1), q, 'xla')[0]
   assert _per_row_rel(out, dense_attention(q, k, v)) <= 1e-5
-  k_rot = jnp.concatenate([kc.decode(record_at(state.k, 1, j), jnp.float32)[:, 0]
-                           for j in range(slots)], axis=1)
+  k_rot = fwht(k, jnp.float32)
   assert _per_row_rel(dense_attention(q, k_rot, v), dense_attention(q, k, v)) > 1e-2  # control
 
 

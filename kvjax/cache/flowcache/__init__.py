@@ -7,8 +7,9 @@ table order.
 from __future__ import annotations
 
 from kvjax.cache.flowcache.native import FlowCacheNative
-from kvjax.cache.flowcache.plan import (MOVIEGEN_BUDGETS, chunk_deltas, frame_summary,  # noqa: F401
-                                        layer_budgets, plan_counts, py_round)
+from kvjax.cache.flowcache.plan import (MOVIEGEN_BUDGETS, chunk_deltas, count_table,  # noqa: F401
+                                        frame_summary, layer_budgets, plan_counts, recent_count,
+                                        tier_counts)
 from kvjax.cache.flowcache.profile import FlowCacheProfile, ProfileState  # noqa: F401
 from kvjax.cache.flowcache.tiers import (A, B, PRUNED, FlowCache, FlowState,  # noqa: F401
                                          store_source, summary_source)

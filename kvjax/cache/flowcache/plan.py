@@ -1,8 +1,19 @@
 """FlowCache's plan (spec 3.9): per-layer budgets, tier sizes and the chunk-importance score.
 
-Pure functions (numpy on the host for static capacities, jnp inside the compiled append); the tier
-stores that follow a plan are in ``tiers.py``, the profiling pass that writes a budget table in
-``profile.py``.
+Tier sizes are computed once, on the host, into an integer table per layer (``count_table``):
+the compiled plan looks its sizes up there and the tier stores are sized from the same table, so
+the plan can never ask for more slots than were allocated. (kvjax used to size the stores in
+float64 on the host and plan in float32 inside jit; where the two round a product differently the
+plan wanted one slot more than the store had and silently overwrote layer 0's first record, e.g.
+ADAPTIVE at budget 0.7 with 25 old chunks: 0.2 * 0.7 * 25 is 3.4999999999999996 in float64 and
+3.5000002 in float32.)
+
+The table evaluates the study's Python expressions in float64, in its operation order, with
+Python's round (half to even), so every size is the study's own, ties included (exact rational
+arithmetic would not be: 0.2 * 0.7 * 25 = 7/2 rounds to 4, the study's float64 to 3).
+
+Pure functions; the tier stores that follow a plan are in ``tiers.py``, the profiling pass that
+writes a budget table in ``profile.py``.
 """
 
 from __future__ import annotations
@@ -15,20 +26,20 @@ import numpy as np
 
 f32 = jnp.float32
 
-# The study's profiled MovieGen budget table (spec 3.9), layer 0..29; mean 0.9003.
+# The study's profiled MovieGen budget table (spec 3.9), layer 0..29; mean 0.9003. (Recomputed
+# from the logged profile scores, to 3 decimals; the study's own table held the full-precision
+# values 0.7 + 0.6 * (s - min) / (max - min).)
 MOVIEGEN_BUDGETS = (1.300, 1.022, 1.016, 0.878, 0.867, 0.889, 1.013, 0.915, 0.820, 1.016, 0.788,
                     0.889, 0.808, 0.727, 0.710, 0.799, 0.700, 0.757, 0.851, 0.838, 0.856, 0.896,
                     0.878, 0.875, 0.972, 0.919, 0.862, 1.054, 0.979, 1.112)
 
-
-def py_round(x):
-  """Python's round (half to even) on numpy/jax scalars."""
-  return jnp.round(x)
+KINDS = ('hybrid', 'adaptive', 'prune')
 
 
 def layer_budgets(spec_budget: str, num_layers: int, lo: float = 0.75, hi: float = 1.25) -> np.ndarray:
-  """Per-layer budgets: 'moviegen' (the study's table, 30 layers), 'linear' (lo -> hi ramp),
-  'auto' (moviegen for 30 layers, else linear), or a path to a JSON profile table."""
+  """Per-layer budgets [num_layers] float64: 'moviegen' (the study's table, 30 layers), 'linear'
+  (the study's ramp lo + (l / (L - 1)) * (hi - lo), in its operation order; 1.0 for one layer, as
+  the study), 'auto' (moviegen for 30 layers, else linear), or a path to a JSON profile table."""
   if spec_budget == 'auto':
     spec_budget = 'moviegen' if num_layers == len(MOVIEGEN_BUDGETS) else 'linear'
   if spec_budget == 'moviegen':
@@ -37,8 +48,8 @@ def layer_budgets(spec_budget: str, num_layers: int, lo: float = 0.75, hi: float
     return np.asarray(MOVIEGEN_BUDGETS, np.float64)
   if spec_budget == 'linear':
     if num_layers == 1:
-      return np.asarray([(lo + hi) / 2])
-    return lo + (hi - lo) * np.arange(num_layers) / (num_layers - 1)
+      return np.asarray([1.0])
+    return np.asarray([lo + (float(l) / float(num_layers - 1)) * (hi - lo) for l in range(num_layers)])
   path = spec_budget.removeprefix('profile:')
   if not os.path.isfile(path):
     raise FileNotFoundError(f"budget table not found: {path} (use 'auto', 'moviegen', 'linear' or "
@@ -55,21 +66,64 @@ def layer_budgets(spec_budget: str, num_layers: int, lo: float = 0.75, hi: float
   return budgets
 
 
-def plan_counts(n_hist, block, budget, kind, recent_ratio, important_ratio, retained_ratio, xp=np):
-  """Tier sizes of one plan: (history recent, important, retained, pruned, n_old)."""
-  n = n_hist + block
-  n_recent = xp.clip(xp.round(xp.minimum(recent_ratio * budget, 1.0) * n), 1, n)
-  hist_recent = xp.clip(n_recent - block, 0, n_hist)
-  n_old = n_hist - hist_recent
-  zero = n_old * 0
+def recent_count(n: int, budget: float, recent_ratio: float) -> int:
+  """The study's n_recent = clamp(round(min(recent_ratio * budget, 1) * n), 1, n) (0 for n = 0)."""
+  if n <= 0:
+    return 0
+  return min(max(1, int(round(min(float(recent_ratio) * float(budget), 1.0) * n))), n)
+
+
+def _top_count(ratio: float, budget: float, pool: int) -> int:
+  """The study's clamp(round(ratio * budget * pool), 1, pool), 0 for an empty pool or ratio 0."""
+  if pool <= 0 or ratio <= 0.0:
+    return 0
+  return min(pool, max(1, int(round(float(ratio) * float(budget) * pool))))
+
+
+def tier_counts(n: int, budget: float, kind: str, recent_ratio: float, important_ratio: float,
+                retained_ratio: float, always_recent: int = 0) -> tuple[int, int, int]:
+  """(n_old, n_imp, n_ret) of a plan over a list of ``n`` chunks.
+
+  The study: the newest n_recent chunks are recent, the other n_old = n - n_recent are old; of
+  those, n_imp are important (ADAPTIVE, PRUNE) and of the rest n_ret retained (PRUNE).
+  ``always_recent``: the last that many of the n chunks are counted but never old (kvjax's
+  ``plan_cadence='ahead'``: the next block, attended exactly); then n_old is the other chunks
+  outside the newest n_recent.
+  """
+  if kind not in KINDS:
+    raise ValueError(f'plan kind must be one of {KINDS} (got {kind!r})')
+  n_recent = recent_count(n, budget, recent_ratio)
+  listed = n - always_recent
+  n_old = listed - min(max(n_recent - always_recent, 0), listed)
   if kind == 'hybrid':
-    return hist_recent, zero, zero, zero, n_old
-  n_imp = xp.where(n_old >= 1, xp.clip(xp.round(important_ratio * budget * n_old), 1, n_old), 0)
+    return n_old, 0, 0
+  n_imp = _top_count(important_ratio, budget, n_old)
   if kind == 'adaptive':
-    return hist_recent, n_imp, zero, zero, n_old
-  n_rem = n_old - n_imp
-  n_ret = xp.where(n_rem >= 1, xp.clip(xp.round(retained_ratio * budget * n_rem), 1, n_rem), 0)
-  return hist_recent, n_imp, n_ret, n_rem - n_ret, n_old
+    return n_old, n_imp, 0
+  return n_old, n_imp, _top_count(retained_ratio, budget, n_old - n_imp)
+
+
+def count_table(budget: float, kind: str, recent_ratio: float, important_ratio: float,
+                retained_ratio: float, n_max: int, always_recent: int = 0) -> np.ndarray:
+  """[n_max + 1, 3] int32: row n = ``tier_counts(n, ...)`` (n_old, n_imp, n_ret); rows with
+  n < always_recent are zero. The compiled plan indexes it with the list length."""
+  out = np.zeros((n_max + 1, 3), np.int32)
+  for n in range(always_recent, n_max + 1):
+    out[n] = tier_counts(n, budget, kind, recent_ratio, important_ratio, retained_ratio,
+                         always_recent)
+  return out
+
+
+def plan_counts(n_hist, block, budget, kind, recent_ratio, important_ratio, retained_ratio):
+  """Tier sizes of one plan over ``n_hist`` history chunks plus ``block`` chunks that are counted
+  but always recent: (history recent, important, retained, pruned, n_old), Python ints.
+
+  ``block=0`` is the study's plan over n_hist chunks."""
+  n_hist, block = int(n_hist), int(block)
+  n_old, n_imp, n_ret = tier_counts(n_hist + block, budget, kind, recent_ratio, important_ratio,
+                                    retained_ratio, always_recent=block)
+  pruned = n_old - n_imp - n_ret if kind == 'prune' else 0
+  return n_hist - n_old, n_imp, n_ret, pruned, n_old
 
 
 def chunk_deltas(cur, frames, n_cur, prev, prev_frames, prev_n, alignment: str):
@@ -80,7 +134,8 @@ def chunk_deltas(cur, frames, n_cur, prev, prev_frames, prev_n, alignment: str):
     frames: [C] their frames; prev, prev_frames, prev_n: the previous list.
     alignment: 'tail' pairs the last rows of both lists (the study); 'frame' pairs equal frames.
   Returns:
-    [C] deltas (1.0 where unpaired).
+    [C] float32 deltas mean_h |cur - prev| / max(mean_h |prev|, 1e-6) (1.0 where unpaired, and
+    everywhere when there is no previous list, as the study).
   """
   c = cur.shape[0]
   j = jnp.arange(c)
