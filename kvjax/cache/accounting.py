@@ -182,15 +182,10 @@ def tier_census(method: CacheMethod, spec: CacheSpec, state: Any = None) -> Cens
                   f'{type(method).__name__}')
 
 
-@tier_census.register
-def _(method: BF16, spec, state=None):
+@tier_census.register(BF16)
+@tier_census.register(FlowCacheProfile)          # the profiling pass stores a BF16 clone
+def _(method, spec, state=None):
   g = _geometry(spec)
-  return _uniform(g, {'bf16': g.slots})
-
-
-@tier_census.register
-def _(method: FlowCacheProfile, spec, state=None):
-  g = _geometry(spec)                            # the profiling pass stores a BF16 clone
   return _uniform(g, {'bf16': g.slots})
 
 
@@ -199,28 +194,17 @@ def _recent_window(method_recent_blocks: int, spec: CacheSpec, g: _Geometry) -> 
   return min(method_recent_blocks * spec.block_frames * g.frame_tokens, g.slots)
 
 
-@tier_census.register
-def _(method: RTN, spec, state=None):
+@tier_census.register(RTN)
+@tier_census.register(QuaRot)
+def _(method, spec, state=None):
   g = _geometry(spec)
   recent = _recent_window(method.recent_blocks, spec, g)
   return _uniform(g, {'quantized': g.slots - recent, 'recent': recent})
 
 
-@tier_census.register
-def _(method: QuaRot, spec, state=None):
-  g = _geometry(spec)
-  recent = _recent_window(method.recent_blocks, spec, g)
-  return _uniform(g, {'quantized': g.slots - recent, 'recent': recent})
-
-
-@tier_census.register
-def _(method: KIVI, spec, state=None):
-  g = _geometry(spec)
-  return _uniform(g, {'quantized': g.slots})
-
-
-@tier_census.register
-def _(method: PRQMethod, spec, state=None):
+@tier_census.register(KIVI)
+@tier_census.register(PRQMethod)
+def _(method, spec, state=None):
   g = _geometry(spec)
   return _uniform(g, {'quantized': g.slots})
 

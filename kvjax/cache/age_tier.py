@@ -67,6 +67,7 @@ class AgeTier(MixedLogMethod):
   recent_ratio: float = 0.3
   group_size: int = 16
   recency: str = 'position'
+  FIXES = {'recency': 'age'}
 
   def __post_init__(self):
     packing.check_bits(self.bits)
@@ -113,6 +114,7 @@ class TPTQ(MixedLogMethod):
   outlier_threshold: float = 6.0
   outlier_max_ratio: float = 0.001
   sigma_scope: str = 'buffer'
+  FIXES = {'sigma_scope': 'written'}
   group_size: int = 16
 
   def __post_init__(self):

@@ -12,7 +12,8 @@ State (leading axis = layer):
   stats         method-specific running statistics (QAQ sigma, spatial variance), [L, ...]
 
 Append (the context pass): the R-frame exact window shifts by one block; the frames leaving it
-(or, with R = 0, the block itself) are encoded once into the quantized ring.
+(or, with R = 0, the block itself) are encoded into the quantized ring. Re-encoding of the stored
+frames follows the method's cadence (``requantize``, ``recode``).
 """
 
 from __future__ import annotations

@@ -216,3 +216,20 @@ def test_quantize_once_spatial_mask_is_fixed_at_append():
   st = m.append(st, jnp.int32(0), *_noisy_block(np.arange(8)), AppendInfo(jnp.int32(3)))
   for key, a in before.items():
     np.testing.assert_array_equal(np.asarray(st.k[key])[:, :, :3], a[:, :, :3])
+
+
+def test_fixes_name_kvjax_corrections_and_build():
+  """Every study row's FIXES are parameters of the method and ``fixed()`` builds the corrected
+  method (quantize-once for the ring methods, age tiers for AGE_TIER); BF16 has none."""
+  for name in kvcache.PAPER_NAMES:
+    m = kvcache.get(name)
+    if not m.FIXES:
+      assert m.fixed() == m
+      continue
+    assert set(m.FIXES) <= set(m.params()), name
+    f = m.fixed()
+    assert f != m and all(f.params().get(k, v) == v for k, v in m.FIXES.items()), name
+    if name in STUDY_CADENCE:
+      assert f.cadence == ONCE
+  assert kvcache.get('BF16').FIXES == {}
+  assert type(kvcache.get('AGE_TIER_INT2').fixed()).__name__ == 'AgeTierByAge'

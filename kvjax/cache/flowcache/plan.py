@@ -126,6 +126,47 @@ def plan_counts(n_hist, block, budget, kind, recent_ratio, important_ratio, reta
   return n_hist - n_old, n_imp, n_ret, pruned, n_old
 
 
+def block_summaries(k, v, block_frames: int, frame_tokens: int):
+  """Chunk summaries [bf, N] of a call's block K/V ([B, bf * P, N, H]): frame_summary(K) +
+  frame_summary(V) per frame."""
+  b, _, n, h = k.shape
+  xk = k.reshape(b, block_frames, frame_tokens, n, h)
+  xv = v.reshape(b, block_frames, frame_tokens, n, h)
+  return jnp.stack([frame_summary(xk[:, i]) + frame_summary(xv[:, i])
+                    for i in range(block_frames)])
+
+
+def chunk_list(pframe, summ, bf: int, blk_summ=None, block_start=None):
+  """One layer's plan list: the planned frames in frame order, then (when ``blk_summ`` is given)
+  the block of the call.
+
+  Args:
+    pframe: [S] int32 frame of each plan slot (-1: empty); summ: [S, N] float32 summaries.
+    bf: block frames; blk_summ: [bf, N] the block's summaries or None; block_start: its frame.
+  Returns:
+    order [S] (slot of each list row), n_hist, j = arange(S + bf), lframe [S + bf] int32 (-1
+    past the list), lsumm [S + bf, N] float32 (0 past the list), n_list.
+  """
+  s = pframe.shape[0]
+  valid = pframe >= 0
+  order = jnp.argsort(jnp.where(valid, pframe, jnp.iinfo(jnp.int32).max), stable=True)
+  n_hist = jnp.sum(valid).astype(jnp.int32)
+  j = jnp.arange(s + bf)
+  in_hist = j < n_hist
+  pad = jnp.full((bf,), -1, jnp.int32)
+  lframe = jnp.where(in_hist, jnp.concatenate([pframe[order], pad]), -1)
+  lsumm = jnp.concatenate([summ[order], jnp.zeros((bf,) + summ.shape[1:], f32)])
+  lsumm = jnp.where(in_hist[:, None], lsumm, 0.0)
+  n_list = n_hist
+  if blk_summ is not None:
+    bi = j - n_hist
+    is_blk = (bi >= 0) & (bi < bf)
+    lframe = jnp.where(is_blk, block_start + bi, lframe)
+    lsumm = jnp.where(is_blk[:, None], blk_summ[jnp.clip(bi, 0, bf - 1)], lsumm)
+    n_list = n_hist + bf
+  return order, n_hist, j, lframe, lsumm, n_list
+
+
 def chunk_deltas(cur, frames, n_cur, prev, prev_frames, prev_n, alignment: str):
   """Relative L1 change of chunk summaries against the previous plan's list.
 

@@ -11,7 +11,7 @@ import numpy as np
 from flax import struct
 
 from kvjax.cache.base import AppendInfo, CacheMethod, CacheSpec, frame_slot
-from kvjax.cache.flowcache.plan import chunk_deltas, frame_summary
+from kvjax.cache.flowcache.plan import block_summaries, chunk_deltas, chunk_list, frame_summary
 from kvjax.cache.ring import BF16
 
 f32 = jnp.float32
@@ -104,24 +104,8 @@ class FlowCacheProfile(CacheMethod):
     spec = st.spec
     bf = spec.block_frames
     extra = bf if self.plan_cadence == 'ahead' else 0
-    pframe = st.pframe[layer]
-    s = pframe.shape[0]
-    valid = pframe >= 0
-    order = jnp.argsort(jnp.where(valid, pframe, jnp.iinfo(jnp.int32).max), stable=True)
-    n_hist = jnp.sum(valid).astype(jnp.int32)
-    j = jnp.arange(s + bf)
-    in_hist = j < n_hist
-    pad = jnp.full((bf,), -1, jnp.int32)
-    lframe = jnp.where(in_hist, jnp.concatenate([pframe[order], pad]), -1)
-    lsumm = jnp.concatenate([st.summ[layer][order], jnp.zeros((bf,) + st.summ.shape[2:], f32)])
-    lsumm = jnp.where(in_hist[:, None], lsumm, 0.0)
-    n_list = n_hist
-    if blk_summ is not None:
-      bi = j - n_hist
-      is_blk = (bi >= 0) & (bi < bf)
-      lframe = jnp.where(is_blk, block_start + bi, lframe)
-      lsumm = jnp.where(is_blk[:, None], blk_summ[jnp.clip(bi, 0, bf - 1)], lsumm)
-      n_list = n_hist + bf
+    _, _, j, lframe, lsumm, n_list = chunk_list(st.pframe[layer], st.summ[layer], bf,
+                                                blk_summ, block_start)
     delta = chunk_deltas(lsumm, lframe, n_list, st.prev_summ[layer], st.prev_frame[layer],
                          st.prev_n[layer], self.delta_alignment)
     n_old = jnp.asarray(self._old_table(spec))[n_list + extra]
@@ -142,10 +126,7 @@ class FlowCacheProfile(CacheMethod):
     spec = state.spec
     if self.plan_cadence != 'every_call' or spec.capacity_frames == 0:
       return state
-    bf, p = spec.block_frames, spec.frame_tokens
-    b, _, n, h = k.shape
-    xk, xv = k.reshape(b, bf, p, n, h), v.reshape(b, bf, p, n, h)
-    blk = jnp.stack([frame_summary(xk[:, i]) + frame_summary(xv[:, i]) for i in range(bf)])
+    blk = block_summaries(k, v, spec.block_frames, spec.frame_tokens)
     s = jnp.asarray(info.start_frame, jnp.int32)
     fresh = jnp.all(state.pframe[layer] < s)            # the block is not appended yet
 

@@ -92,7 +92,8 @@ from flax import struct
 from kvjax import kernels
 from kvjax.cache import codecs as C
 from kvjax.cache.base import AppendInfo, CacheMethod, CacheSpec, frame_slot, ordered_after
-from kvjax.cache.flowcache.plan import chunk_deltas, count_table, frame_summary, layer_budgets
+from kvjax.cache.flowcache.plan import (block_summaries, chunk_deltas, chunk_list, count_table,
+                                        frame_summary, layer_budgets)
 from kvjax.cache.ring import write_record
 from kvjax.kernels.source import record_at
 from kvjax.kernels import packing
@@ -412,26 +413,11 @@ class FlowCache(CacheMethod):
     spec = st.spec
     lay = self.layout(spec)
     bf = spec.block_frames
-    pframe = st.pframe[layer]
-    s = pframe.shape[0]
-    size = s + bf
-    valid = pframe >= 0
-    order = jnp.argsort(jnp.where(valid, pframe, jnp.iinfo(jnp.int32).max), stable=True)
-    n_hist = jnp.sum(valid).astype(jnp.int32)
-    j = jnp.arange(size)
+    order, n_hist, j, lframe, lsumm, n_list = chunk_list(st.pframe[layer], st.summ[layer], bf,
+                                                         blk_summ, block_start)
+    s, size = order.shape[0], j.shape[0]
     in_hist = j < n_hist
-    pad = jnp.full((bf,), -1, jnp.int32)
-    lslot = jnp.concatenate([order.astype(jnp.int32), pad])
-    lframe = jnp.where(in_hist, jnp.concatenate([pframe[order], pad]), -1)
-    lsumm = jnp.concatenate([st.summ[layer][order], jnp.zeros((bf,) + st.summ.shape[2:], f32)])
-    lsumm = jnp.where(in_hist[:, None], lsumm, 0.0)
-    n_list = n_hist
-    if blk_summ is not None:
-      bi = j - n_hist
-      is_blk = (bi >= 0) & (bi < bf)
-      lframe = jnp.where(is_blk, block_start + bi, lframe)
-      lsumm = jnp.where(is_blk[:, None], blk_summ[jnp.clip(bi, 0, bf - 1)], lsumm)
-      n_list = n_hist + bf
+    lslot = jnp.concatenate([order.astype(jnp.int32), jnp.full((bf,), -1, jnp.int32)])
     n = n_list + lay['extra']
     counts = jnp.asarray(lay['table'])[layer, n]                       # (n_old, n_imp, n_ret)
     n_old, n_imp, n_ret = counts[0], counts[1], counts[2]
@@ -574,10 +560,7 @@ class FlowCache(CacheMethod):
     spec = state.spec
     if self.plan_cadence != 'every_call' or spec.capacity_frames == 0:
       return state
-    bf, p = spec.block_frames, spec.frame_tokens
-    b, _, n, h = k.shape
-    xk, xv = k.reshape(b, bf, p, n, h), v.reshape(b, bf, p, n, h)
-    blk = jnp.stack([frame_summary(xk[:, i]) + frame_summary(xv[:, i]) for i in range(bf)])
+    blk = block_summaries(k, v, spec.block_frames, spec.frame_tokens)
     s = jnp.asarray(info.start_frame, jnp.int32)
     go = state.frames[layer] == s
     if self.plan_kind == 'prune':
