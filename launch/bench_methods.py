@@ -156,17 +156,17 @@ def plan_method(method: str, config_name: str, method_args: str | None = None) -
 MODES = ('study', 'fixed')
 
 
-def variants(method: str, modes) -> list[tuple[str, str | None]]:
-  """(row label, ``--method_args``) of ``method`` in each mode: 'study' is the paper name as the
-  study ran it (the default parameters), 'fixed' applies kvjax's corrections
+def variants(method: str, modes) -> list[tuple[str, str, str | None]]:
+  """(row label, method, ``--method_args``) of ``method`` in each mode: 'study' is the paper name
+  as the study ran it (the default parameters), 'fixed' applies kvjax's corrections
   (``CacheMethod.FIXES``; no row when the method has none)."""
+  fixes = kvcache.get(method).FIXES
   out = []
   for mode in modes:
-    if mode == 'study' or method == REFERENCE:
-      out.append((method, None))
-    elif kvcache.get(method).FIXES:
-      fixes = kvcache.get(method).FIXES
-      out.append((f'{method} [fixed]', ','.join(f'{k}={v}' for k, v in fixes.items())))
+    if mode == 'study' or not fixes:
+      out.append((method, method, None))
+    else:
+      out.append((f'{method} [fixed]', method, ','.join(f'{k}={v}' for k, v in fixes.items())))
   return list(dict.fromkeys(out))
 
 
@@ -200,8 +200,8 @@ def main(argv=None):
   for cfg in configs:
     rows = {}
     ref = prepare(cfg, REFERENCE, params_cache, args.impl)
-    for m, margs in [v for name in methods for v in variants(name, modes)]:
-      run_ = ref if m == REFERENCE else prepare(cfg, m.split(' ')[0], params_cache, args.impl, margs)
+    for m, name, margs in [v for name in methods for v in variants(name, modes)]:
+      run_ = ref if m == REFERENCE else prepare(cfg, name, params_cache, args.impl, margs)
       rows[m] = time_against(ref, run_, args.repeats)
       print(f'[{cfg}] {m:53s} denoise {rows[m]["denoise_ms"]:8.2f} ms x{rows[m]["denoise_ratio"]:.2f}  '
             f'context {rows[m]["context_ms"]:8.2f} ms x{rows[m]["context_ratio"]:.2f}',
@@ -218,8 +218,8 @@ def main(argv=None):
                    f'{_fmt_ratio(r["study_ratio"])} |')
   if not args.no_plan:
     rows = {}
-    for m, margs in [v for name in methods for v in variants(name, modes)]:
-      rows[m] = plan_method(m.split(' ')[0], args.plan_config, margs)
+    for m, name, margs in [v for name in methods for v in variants(name, modes)]:
+      rows[m] = plan_method(name, args.plan_config, margs)
       print(f'[plan] {m:45s} kv {rows[m]["kv_bytes"]:,}', file=sys.stderr, flush=True)
     raw['plan'] = rows
     b = rows[REFERENCE]
