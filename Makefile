@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= torch,test
 
-.PHONY: setup demo test plan clean
+.PHONY: setup demo test plan train-tiny clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "error: kvjax needs Python 3.11 (found " + sys.version.split()[0] + "); set PYTHON=/path/to/python3.11")'
@@ -20,6 +20,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -n 2
+
+# Retrains the world model shipped in kvjax/world/weights (about 15 min on 2 CPU cores).
+train-tiny: setup
+	$(PY) -m launch.train_tiny --export=kvjax/world/weights
 
 plan: setup
 	$(PY) -m kvjax.launch --config=configs/self_forcing.py:wan2.1_t2v_1.3b --method=bf16 --plan

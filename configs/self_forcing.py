@@ -1,7 +1,15 @@
 """Self-Forcing (Wan2.1-T2V causal DiT) model, sampler and cache configs.
 
 Variants (the part after ``:``):
-  tiny                    2 layers, dim 64, 2x32 heads, 8x8 latents, 9 frames (3 blocks). CPU default.
+  world                   the world model shipped in kvjax/world/weights (3 layers, dim 64, 2x32
+                          heads), 9 frames of 16x16 RGB (8x8x12 latents through the exact
+                          space-to-depth codec, 16 tokens a frame), prompts through its caption
+                          encoder, video.mp4 written. CPU, seconds. Partly trained: it draws the
+                          prompted background, not yet the objects (BUILD.md).
+  world_long              world with 36 frames rolled through a 9-frame window, 3 sink frames
+                          (4x the training length: the drift setting).
+  tiny                    the default, random weights: 2 layers, dim 64, 2x32 heads, 8x8 latents,
+                          9 frames.
   tiny_long               tiny with 18 frames rolled through a 9-frame window, 3 sink frames.
   mid                     4 layers, dim 256, 4x64 heads, 24x40 latents, 21 frames (benchmarks).
   wan2.1_t2v_1.3b         the real 1.3B model at 480x832: 21 latent frames of 60x104 (1560 tokens each).
@@ -9,13 +17,19 @@ Variants (the part after ``:``):
 
 Run:
   python -m kvjax.launch --method=bf16 --config=configs/self_forcing.py:tiny
+  python -m kvjax.launch --method=softprune_int4 --config=configs/self_forcing.py:world
+  python -m launch.train_tiny                            # retrains the world model (<= 20 min)
   python -m kvjax.launch --method=bf16 --config=configs/self_forcing.py:wan2.1_t2v_1.3b --plan
 Any field can be overridden on the command line, e.g. ``--config.model.num_layers=4``.
 """
 
 import ml_collections
 
+from kvjax.world import bundle
+
 _MODELS = {
+    'world': dict(dim=64, ffn_dim=256, num_heads=2, num_layers=3, text_len=16, text_dim=32,
+                  in_dim=12, out_dim=12),
     'tiny': dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_len=16, text_dim=32),
     'mid': dict(dim=256, ffn_dim=1024, num_heads=4, num_layers=4, text_len=64, text_dim=256),
     'wan2.1_t2v_1.3b': dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, text_len=512,
@@ -24,6 +38,8 @@ _MODELS = {
 
 # (num_latent_frames, latent_height, latent_width, window_frames, sink_frames)
 _VIDEOS = {
+    'world': (9, 8, 8, -1, 0),
+    'world_long': (36, 8, 8, 9, 3),
     'tiny': (9, 8, 8, -1, 0),
     'tiny_long': (18, 8, 8, 9, 3),
     'mid': (21, 24, 40, -1, 0),
@@ -44,11 +60,9 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.model = ml_collections.ConfigDict(dict(
-      **_MODELS[model_name],
+      **{'in_dim': 16, 'out_dim': 16, **_MODELS[model_name]},
       freq_dim=256,
       patch_size=(1, 2, 2),
-      in_dim=16,
-      out_dim=16,
       eps=1e-6,
       rope_theta=10000.0,
       rope_max_frames=1024,
@@ -71,4 +85,20 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   # window_frames: latent frames of K/V visible to a block, its own included (Self-Forcing's
   # local_attn_size); -1 = every frame of the rollout. sink_frames: first frames never evicted.
   c.cache = ml_collections.ConfigDict(dict(window_frames=window, sink_frames=sink))
+  if model_name == 'world':
+    # Four denoising steps at sigma 1, .75, .5, .25 (unwarped), not Self-Forcing's warped
+    # (1, .9375, .833, .625): the world model is trained by flow matching without Self-Forcing's
+    # distillation, and its last x0 prediction from sigma .625 is still noise. The block
+    # structure, the step count and the clean context pass are the same.
+    c.sampler.warp_denoising_step = False
+    c.world = ml_collections.ConfigDict(dict(
+        weights=bundle.DEFAULT_DIR,
+        prompt='a red circle and a blue square bouncing on a gray background',
+        # The caption encoder (trained jointly; its width is model.text_dim).
+        text=dict(num_layers=2, num_heads=2, ffn_dim=64),
+    ))
+    # launch/train_tiny.py: teacher-forced training on clips of ``frames`` latent frames.
+    c.train = ml_collections.ConfigDict(dict(
+        seed=0, steps=6000, batch_size=8, frames=9, lr=1e-3, warmup=100, weight_decay=0.01,
+        clip=1.0, ckpt_every=500, eval_every=250, eval_batches=2))
   return c

@@ -1,11 +1,16 @@
 r"""kvjax launcher: one Self-Forcing rollout with a KV-cache method, or its plan.
 
   python -m kvjax.launch --method=bf16                 # built-in tiny default, CPU, < 1 min
+  python -m kvjax.launch --config=configs/self_forcing.py:world --method=softprune_int4 \
+      --prompt="a green triangle bouncing on a black background"
   python -m kvjax.launch --method=bf16 --config=configs/self_forcing.py:wan2.1_t2v_1.3b --plan
   python -m kvjax.launch --list_methods
 
-Writes result.json, latents.npy and curves.csv under --outdir (default runs/<stamp>_...), and
-video.mp4 (16 fps) with --wan_dir:
+The world configs (configs/self_forcing.py:world) run a tiny DiT trained on a procedural world of
+coloured shapes (kvjax/world; retrain with python -m launch.train_tiny): prompts follow its
+caption grammar, and the run writes video.mp4 through its exact codec and checks the video
+against the prompt. Writes result.json, latents.npy and curves.csv under --outdir (default
+runs/<stamp>_...); with the Wan configs, video.mp4 needs --wan_dir:
   python -m kvjax.launch --method=bf16 --checkpoint=CKPT --wan_dir=Wan2.1-T2V-1.3B \
       --config=configs/self_forcing.py:wan2.1_t2v_1.3b --prompt="a cat surfing at sunset"
 
@@ -69,9 +74,9 @@ flags.DEFINE_integer('window_frames', None, 'Frames of K/V visible to a block, i
 flags.DEFINE_integer('sink_frames', None, 'First frames never evicted from the cache.')
 flags.DEFINE_string('wan_dir', None, 'Wan2.1 folder (original, diffusers or converted): the umT5 '
                     'text encoder, its tokenizer and the VAE; writes video.mp4 beside result.json.')
-flags.DEFINE_string('prompt', None, 'Text prompt (needs --wan_dir).')
-flags.DEFINE_string('prompts_file', None, 'File with one prompt per line, run as a batch '
-                    '(needs --wan_dir).')
+flags.DEFINE_string('prompt', None, 'Text prompt (the world model\'s grammar, or a Wan '
+                    'prompt with --wan_dir).')
+flags.DEFINE_string('prompts_file', None, 'File with one prompt per line, run as a batch.')
 flags.DEFINE_bool('free_text_encoder', True, 'Delete the text encoder from device memory before '
                   'the DiT runs.')
 flags.DEFINE_bool('list_methods', False, 'List the cache methods and exit.')
@@ -155,8 +160,7 @@ def main(argv):
   if FLAGS.plan:
     print(json.dumps(run.plan(settings), indent=2))
     return 0
-  print(f'{settings.method.name} on {settings.config_name} '
-        f'({"weights " + settings.checkpoint if settings.checkpoint else "random weights"}): '
+  print(f'{settings.method.name} on {settings.config_name} ({_weights(settings)}): '
         'compiling, then rolling out ...', file=sys.stderr, flush=True)
   try:
     result = run.generate(settings, progress=FLAGS.progress, save_inputs=FLAGS.save_inputs)
@@ -165,13 +169,57 @@ def main(argv):
   keys = ('method', 'config', 'frames', 'kv_cache_bytes', 'bf16_kv_cache_bytes',
           'compression_ratio', 'compile_s', 'runtime_s', 'latent_psnr', 'latent_rel_l2')
   print(json.dumps({k: result[k] for k in keys if k in result}, indent=2))
-  videos = f" (+ {', '.join(result['videos'])})" if result.get('videos') else ''
-  print(f"wrote {result['outdir']}{videos}")
-  if not settings.checkpoint:
+  print(summary(result, _weights(settings)))
+  if not settings.checkpoint and settings.world is None:
     print('note: the model has random weights (a fixed seed); the numbers measure the cache '
           'method, not video quality. Next: --list_methods, --method=<name>, --plan with '
           '--config=configs/self_forcing.py:wan2.1_t2v_1.3b, real weights: README.md.')
   return 0
+
+
+def _weights(s) -> str:
+  if s.world is not None:
+    return 'the trained world model'
+  return f'weights {s.checkpoint}' if s.checkpoint else 'random weights'
+
+
+def _bytes(n) -> str:
+  for unit, k in (('GB', 1e9), ('MB', 1e6), ('kB', 1e3)):
+    if n >= k:
+      return f'{n / k:.1f} {unit}'
+  return f'{n} B'
+
+
+def summary(r: dict, weights: str) -> str:
+  """One screen: what the method did to the cache, its time and fidelity against the
+  reference, and where the outputs are."""
+  ref = r.get('reference') or {}
+  lines = [f"== {r['method']} on {r['config']} ({weights}), {r['frames']} latent frames, "
+           f"seed {r['seed']}"]
+  if r.get('prompts'):
+    lines.append('  prompt      ' + ' | '.join(r['prompts']))
+  lines.append(f"  KV cache    {_bytes(r['kv_cache_bytes'])} vs {_bytes(r['bf16_kv_cache_bytes'])}"
+               f" BF16: {r['compression_ratio']:.2f}x smaller (study's accounting "
+               f"{r['study_compression_ratio']:.2f}x)")
+  timing = f"  time        rollout {r['runtime_s']:.2f} s"
+  if ref.get('kind') == 'bf16' and ref.get('runtime_s'):
+    timing += f" vs BF16 {ref['runtime_s']:.2f} s: {r['runtime_s'] / ref['runtime_s']:.2f}x"
+  lines.append(timing + f" (compile {r['compile_s']:.1f} s, not counted)")
+  if 'latent_psnr' in r:
+    fid = (f"  fidelity    vs the {ref.get('kind', '?')} reference: latent PSNR "
+           f"{r['latent_psnr']:.1f} dB, rel. L2 {r['latent_rel_l2']:.4f}")
+    if 'video_psnr' in r:
+      fid += (f"; video PSNR {r['video_psnr']:.1f} dB (all frames), "
+              f"{r['video_psnr_onset']:.1f} dB (first block)")
+    lines.append(fid)
+  for prompt, c in zip(r.get('prompts') or [], r.get('world_checks') or []):
+    objs = ', '.join(f'{x:.2f}' for x in c['presence'])
+    lines.append(f"  world check {'passed' if c['passed'] else 'FAILED'}: background "
+                 f"{c['background']:.2f}, objects present {objs}, motion "
+                 f"{'coherent' if c['coherent'] else 'incoherent'}")
+  outs = ', '.join(['result.json', *r.get('videos', [])])
+  lines.append(f"  wrote       {r['outdir']}/ ({outs})")
+  return '\n'.join(lines)
 
 
 def run_main():

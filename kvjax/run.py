@@ -26,11 +26,14 @@ from kvjax import cache as kvcache
 from kvjax import checkpoint as ckpt
 from kvjax import kernels
 from kvjax import metrics
+from kvjax import video as video_io
 from kvjax import wan_dir as wan_io
 from kvjax.cache import accounting
 from kvjax.cache.base import CacheMethod, CacheSpec
 from kvjax.model import WanConfig, count_params
 from kvjax.sampler import Noise, SamplerConfig, SelfForcing, load_noise, make_noise, noise_shapes
+from kvjax.world import bundle, checks, codec, scene
+from kvjax.world import text as world_text
 
 REFERENCES = ('bf16', 'torch', 'none')
 TEXT_SEED_OFFSET = 7919  # random text states of the built-in default come from seed + this
@@ -63,6 +66,9 @@ class RunSettings:
   wan_dir: Any = None
   prompts: list[str] | None = None
   free_text_encoder: bool = True
+  # The trained world model (config.world): a checked kvjax.world.bundle.WorldModel, whose
+  # caption encoder encodes ``prompts`` and whose codec decodes the latents into video.mp4.
+  world: bundle.WorldModel | None = None
 
 
 def _load_text_states(path: str, model_cfg: WanConfig) -> np.ndarray:
@@ -140,7 +146,15 @@ def resolve(config: ml_collections.ConfigDict, *, method: str = 'bf16',
   if not 0 <= seed <= MAX_SEED:
     raise ValueError(f'--seed must be in [0, {MAX_SEED}] (got {seed})')
   config.seed = seed
-  if checkpoint is not None:
+  world = None
+  if config.get('world') is not None:
+    if checkpoint is not None or wan_dir is not None:
+      raise ValueError(f'config {config.get("name")} runs the world model (config.world.weights);'
+                       ' --checkpoint/--wan_dir belong to the Wan configs (e.g. '
+                       'configs/self_forcing.py:wan2.1_t2v_1.3b)')
+    world = bundle.check(config.world.weights)
+    model_cfg = _world_model_cfg(world, config.model)
+  elif checkpoint is not None:
     model_cfg = ckpt.read_config(checkpoint)
     ckpt.verify_tree(checkpoint, ckpt.abstract_params(model_cfg))
     model_cfg = model_cfg.replace(compute_dtype=config.model.compute_dtype)
@@ -178,8 +192,17 @@ def resolve(config: ml_collections.ConfigDict, *, method: str = 'bf16',
     raise ValueError(f'latent size {height}x{width} is not divisible by the patch {ph}x{pw}')
 
   prompts = wan_io.read_prompts(prompt, prompts_file)
+  if world is not None:
+    if prompts is None and text_states is None:
+      prompts = [str(config.world.prompt)]
+    if prompts is not None:
+      world_text.tokenize(prompts, world.text_cfg.text_len)   # CaptionError: before any work
+    codec.latent_shape(height * codec.FACTOR, width * codec.FACTOR)
+    if model_cfg.in_dim != codec.CHANNELS:
+      raise ValueError(f'the world model reads {model_cfg.in_dim}-channel latents, the codec '
+                       f'writes {codec.CHANNELS}')
   if prompts is not None:
-    if wan_dir is None:
+    if wan_dir is None and world is None:
       raise ValueError('--prompt/--prompts_file need --wan_dir (the text encoder and tokenizer)')
     if text_states is not None:
       raise ValueError('give --prompt/--prompts_file or --text_states, not both')
@@ -225,7 +248,19 @@ def resolve(config: ml_collections.ConfigDict, *, method: str = 'bf16',
       width=width, seed=seed,
       weight_seed=int(config.get('weight_seed', 0)), impl=impl, reference=reference,
       checkpoint=checkpoint, noise=noise, text_states=texts, outdir=outdir,
-      wan_dir=wd, prompts=prompts, free_text_encoder=free_text_encoder)
+      wan_dir=wd, prompts=prompts, free_text_encoder=free_text_encoder, world=world)
+
+
+def _world_model_cfg(world: bundle.WorldModel, requested) -> WanConfig:
+  """The world model's DiT config; ``requested`` (config.model) may change the dtypes only."""
+  trained = world.dit_cfg.to_dict()
+  for k, v in requested.items():
+    if k not in ('param_dtype', 'compute_dtype') and k in trained and (
+        list(v) if isinstance(v, tuple) else v) != trained[k]:
+      raise ValueError(f'config.model.{k}={v} differs from the trained world model\'s {trained[k]} '
+                       f'({world.path}); the weights fix the model\'s shape')
+  return world.dit_cfg.replace(param_dtype=requested.param_dtype,
+                               compute_dtype=requested.compute_dtype)
 
 
 def plan(s: RunSettings) -> dict[str, Any]:
@@ -301,15 +336,20 @@ def generate(s: RunSettings, *, progress: bool = True, save_inputs: bool = False
   outdir = s.outdir or default_outdir(s)
   _check_outdir(outdir)
   gdef = ckpt.graphdef(s.model_cfg)
-  if s.checkpoint:
+  text_info = None
+  texts = s.text_states
+  if s.world is not None:
+    params, text_params = bundle.load(s.world, s.model_cfg)
+    if texts is None:
+      texts = world_text.encode(s.world.text_cfg, text_params, s.prompts)
+      text_info = dict(text_encoder='world caption encoder')
+  elif s.checkpoint:
     params = ckpt.restore_tree(s.checkpoint, ckpt.abstract_params(s.model_cfg))  # config read in resolve
   else:
     params = ckpt.init_params(s.model_cfg, s.weight_seed)
   noise = s.noise if s.noise is not None else make_noise(
       s.seed, s.batch, s.frames, s.model_cfg.in_dim, s.height, s.width, s.sampler_cfg)
-  texts = s.text_states
-  text_info = None
-  if s.prompts:                              # encoded once, shared by the method and the reference
+  if s.prompts and s.world is None:          # encoded once, shared by the method and the reference
     texts, text_info = wan_io.encode_prompts(s.wan_dir, s.prompts, text_len=s.model_cfg.text_len,
                                              dtype=s.model_cfg.compute_dtype,
                                              free=s.free_text_encoder)
@@ -358,9 +398,22 @@ def generate(s: RunSettings, *, progress: bool = True, save_inputs: bool = False
       compute_dtype=s.model_cfg.compute_dtype, config_full=s.config)
   if ref is not None:
     result.update(metrics.latent_fidelity(latents, ref))
-  video = None
+  video = strip = None
   if s.prompts:
-    result.update(prompts=s.prompts, **text_info)
+    result.update(prompts=s.prompts, **(text_info or {}))
+  if s.world is not None:                    # the exact space-to-depth codec
+    video = codec.decode(latents)
+    result.update(world=s.world.path, codec=f'space-to-depth x{codec.FACTOR} (exact)')
+    frames = video_io.to_uint8(video)
+    strip = list(frames)                     # frames.png: each video, the reference's under it
+    if ref is not None:
+      ref_frames = video_io.to_uint8(codec.decode(ref))
+      result.update(metrics.video_fidelity(frames, ref_frames,
+                                           onset_frames=s.sampler_cfg.block_frames))
+      strip = [r for pair in zip(frames, ref_frames) for r in pair]
+    if s.prompts:                            # the world's ground truth: does the video match?
+      result['world_checks'] = [checks.evaluate(f, scene.parse(p))
+                                for f, p in zip(frames, s.prompts)]
   if s.wan_dir is not None:                  # decoded block by block through one VAE stream
     video, video_info = wan_io.decode_latents(s.wan_dir, latents,
                                               block_frames=s.sampler_cfg.block_frames)
@@ -372,7 +425,8 @@ def generate(s: RunSettings, *, progress: bool = True, save_inputs: bool = False
     inputs = {'noise.npz': dict(initial=np.asarray(noise.initial, np.float32),
                                 renoise=np.asarray(noise.renoise, np.float32)),
               'text_states.npy': np.asarray(texts, np.float32)}
-  _write_atomic(outdir, result, latents, curves, artifacts, video=video, inputs=inputs)
+  _write_atomic(outdir, result, latents, curves, artifacts, video=video, inputs=inputs,
+                strip=strip)
   result['outdir'] = outdir
   return result
 
@@ -420,7 +474,7 @@ def _umask() -> int:
 
 def _write_atomic(outdir: str, result: dict, latents: np.ndarray, curves: dict,
                   artifacts: dict | None = None, video: np.ndarray | None = None,
-                  inputs: dict | None = None) -> None:
+                  inputs: dict | None = None, strip: list | None = None) -> None:
   """Writes the result folder under a hidden staging name, then renames it (a reader never sees a
   half-written folder; an error or interrupt removes the staging folder). The folder gets the
   user's umask (``mkdtemp`` creates it 0700)."""
@@ -443,9 +497,10 @@ def _write_atomic(outdir: str, result: dict, latents: np.ndarray, curves: dict,
       else:
         np.save(os.path.join(stage, name), obj)
     if video is not None:
-      from kvjax import video as video_io
       result['videos'] = video_io.write_videos(stage, video)
       result['fps'] = video_io.FPS
+    if strip is not None:
+      video_io.write_strip(os.path.join(stage, 'frames.png'), strip)
     with open(os.path.join(stage, 'result.json'), 'w') as f:
       json.dump(result, f, indent=2, default=_json_default)
     if os.path.isdir(outdir):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from PIL import Image
 
 FPS = 16
 
@@ -54,6 +55,25 @@ def read_mp4(path: str) -> tuple[np.ndarray, float]:
   w, h = meta['size']
   frames = [np.frombuffer(b, np.uint8).reshape(h, w, 3) for b in gen]
   return np.stack(frames), float(meta['fps'])
+
+
+def write_strip(path: str, rows, scale: int = 4, gap: int = 2) -> str:
+  """Writes a PNG with one row per video [T, H, W, 3] uint8, its frames left to right, each pixel
+  drawn as ``scale`` x ``scale`` and ``gap`` white pixels between frames and rows; returns path."""
+  rows = [np.asarray(r) for r in rows]
+  if not rows or any(r.ndim != 4 or r.dtype != np.uint8 or r.shape != rows[0].shape for r in rows):
+    raise ValueError('rows must be equal [T, H, W, 3] uint8 videos')
+  t, h, w, _ = rows[0].shape
+  hs, ws = h * scale, w * scale
+  out = np.full((len(rows) * (hs + gap) - gap, t * (ws + gap) - gap, 3), 255, np.uint8)
+  for i, r in enumerate(rows):
+    big = r.repeat(scale, axis=1).repeat(scale, axis=2)
+    for j in range(t):
+      out[i * (hs + gap):i * (hs + gap) + hs, j * (ws + gap):j * (ws + gap) + ws] = big[j]
+  tmp = path + '.tmp.png'
+  Image.fromarray(out).save(tmp)
+  os.replace(tmp, path)
+  return path
 
 
 def write_videos(folder: str, video, fps: int = FPS) -> list[str]:

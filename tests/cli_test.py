@@ -59,14 +59,19 @@ def files(tmp_path_factory):
   np.savez(d / 'noise_shape.npz', **dict(good_noise, renoise=np.zeros((2, 3), np.float32)))
   with open(d / 'random.pt', 'wb') as f:
     f.write(os.urandom(4096))
+  (d / 'bad_prompts.txt').write_text('a red circle bouncing on a gray background\n'
+                                     'a cat surfing at sunset\n')
   os.makedirs(d / 'full_outdir')
   (d / 'full_outdir' / 'x').write_text('keep me')
   return dict(dir=str(d), ckpt=good, no_params=no_params, wrong=wrong, readme=README,
               text_2d=str(d / 'text_2d.npy'), text_nan=str(d / 'text_nan.npy'),
               noise_missing=str(d / 'noise_missing.npz'), random_pt=str(d / 'random.pt'),
               noise_nan=str(d / 'noise_nan.npz'), noise_shape=str(d / 'noise_shape.npz'),
-              full_outdir=str(d / 'full_outdir'))
+              full_outdir=str(d / 'full_outdir'), bad_prompts=str(d / 'bad_prompts.txt'))
 
+
+TINY = '--config=configs/self_forcing.py:tiny'   # the default, random weights
+WORLD = '--config=configs/self_forcing.py:world'  # the world model: its caption grammar
 
 # (id, arguments, phrase of the one-line message). {name} refers to ``files``.
 CASES = [
@@ -88,16 +93,16 @@ CASES = [
     ('qvg_span_not_block', ['--method=qvg_int2', '--method_args=span_frames=2'],
      'multiple of the block'),
     ('qvg_bad_centroids', ['--method=qvg_int2', '--method_args=centroids=300'], 'centroids=300'),
-    ('checkpoint_is_a_file', ['--checkpoint={random_pt}'], 'python -m ports.convert'),
-    ('checkpoint_missing', ['--checkpoint={dir}/nowhere'], 'not found'),
-    ('checkpoint_without_params', ['--checkpoint={no_params}'], 'missing params/'),
-    ('checkpoint_config_mismatch', ['--checkpoint={wrong}'], 'config.json'),
-    ('checkpoint_not_a_checkpoint', ['--checkpoint={dir}'], 'no config.json'),
+    ('checkpoint_is_a_file', [TINY, '--checkpoint={random_pt}'], 'python -m ports.convert'),
+    ('checkpoint_missing', [TINY, '--checkpoint={dir}/nowhere'], 'not found'),
+    ('checkpoint_without_params', [TINY, '--checkpoint={no_params}'], 'missing params/'),
+    ('checkpoint_config_mismatch', [TINY, '--checkpoint={wrong}'], 'config.json'),
+    ('checkpoint_not_a_checkpoint', [TINY, '--checkpoint={dir}'], 'no config.json'),
     ('noise_missing', ['--noise_file={dir}/none.npz'], 'noise file not found'),
     ('noise_is_text', ['--noise_file={readme}'], 'not a numpy .npz archive'),
-    ('noise_missing_array', ['--noise_file={noise_missing}'], "missing array(s) ['renoise']"),
-    ('noise_nan', ['--noise_file={noise_nan}'], 'NaN'),
-    ('noise_mis_shaped', ['--noise_file={noise_shape}'], 'renoise'),
+    ('noise_missing_array', [TINY, '--noise_file={noise_missing}'], "missing array(s) ['renoise']"),
+    ('noise_nan', [TINY, '--noise_file={noise_nan}'], 'NaN'),
+    ('noise_mis_shaped', [TINY, '--noise_file={noise_shape}'], 'renoise'),
     ('text_missing', ['--text_states={dir}/none.npy'], 'text states file not found'),
     ('text_is_text', ['--text_states={readme}'], 'not a numpy .npy array'),
     ('text_wrong_rank', ['--text_states={text_2d}'], 'expected [B, L,'),
@@ -110,7 +115,15 @@ CASES = [
     ('unknown_compute_dtype', ['--compute_dtype=int8'], 'flag --compute_dtype'),
     ('unknown_flag', ['--bogus=1'], "Unknown command line flag 'bogus'"),
     ('positional_argument', ['extra'], 'unexpected arguments: extra'),
-    ('prompt_without_wan_dir', ['--prompt=a cat'], '--wan_dir'),
+    ('prompt_without_wan_dir', [TINY, '--prompt=a cat'], '--wan_dir'),
+    ('world_unknown_word', [WORLD, '--prompt=a purple circle bouncing on a gray background'],
+     "unknown word 'purple'"),
+    ('world_not_the_grammar', [WORLD, '--prompt=a red circle on a gray background'], 'expected'),
+    ('world_background_like_object', [WORLD, '--prompt=a red circle bouncing on a red background'],
+     'red'),
+    ('world_prompts_file_bad_line', [WORLD, '--prompts_file={bad_prompts}'], "unknown word 'cat'"),
+    ('world_with_checkpoint', [WORLD, '--checkpoint={ckpt}'], 'belong to the Wan configs'),
+    ('world_with_wan_dir', [WORLD, '--wan_dir={dir}'], 'belong to the Wan configs'),
 ]
 
 

@@ -12,6 +12,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kvjax import kernels
@@ -315,12 +316,15 @@ class WanDiT(nnx.Module):
     m = e0 + mod0[:, None]
     return modulate(layer_norm(tokens, self.cfg.eps), m[:, :, 0, None, :], m[:, :, 1, None, :])
 
-  def forward_full(self, x, t, cross_kv, frame_mask):
+  def forward_full(self, x, t, cross_kv, frame_mask, frame_pos=None):
     """Cache-free forward over a whole clip with a frame-level attention mask (reference path).
 
     Args:
-      x: [B, F, C, h, w] latents from frame 0; t: [B, F] timesteps per frame.
+      x: [B, F, C, h, w] latents; t: [B, F] timesteps per frame.
       frame_mask: [F, F] bool, True where query frame i may attend to key frame j.
+      frame_pos: [F] static ints, the RoPE frame index of each frame (default 0..F-1). Teacher
+        forcing (``kvjax.world.train``) runs a clip's clean and noisy copies side by side, both
+        at the clip's own positions.
     Returns:
       v: [B, F, C, h, w] float32.
     """
@@ -328,7 +332,14 @@ class WanDiT(nnx.Module):
     tokens = self.patchify(x)
     p = tokens.shape[2]
     e, e0 = self.time_embed(t)
-    cos_sin = self._rope(0, nf, hh, ww)
+    if frame_pos is None:
+      cos_sin = self._rope(0, nf, hh, ww)
+    else:
+      pos = np.asarray(frame_pos, np.int64)
+      if pos.shape != (nf,) or pos.min() < 0:
+        raise ValueError(f'frame_pos must be [{nf}] non-negative ints, got {pos}')
+      table = self._rope(0, int(pos.max()) + 1, hh, ww)
+      cos_sin = tuple(a.reshape(-1, p, a.shape[-1])[pos].reshape(nf * p, -1) for a in table)
     token_mask = jnp.repeat(jnp.repeat(jnp.asarray(frame_mask, bool), p, axis=0), p, axis=1)
 
     def make_attn(layer, _):
