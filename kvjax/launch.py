@@ -198,9 +198,10 @@ def summary(r: dict, weights: str) -> str:
            f"seed {r['seed']}"]
   if r.get('prompts'):
     lines.append('  prompt      ' + ' | '.join(r['prompts']))
+  study = r.get('study_compression_ratio')
   lines.append(f"  KV cache    {_bytes(r['kv_cache_bytes'])} vs {_bytes(r['bf16_kv_cache_bytes'])}"
-               f" BF16: {r['compression_ratio']:.2f}x smaller (study's accounting "
-               f"{r['study_compression_ratio']:.2f}x)")
+               f" BF16: {r['compression_ratio']:.2f}x smaller"
+               + (f" (study's accounting {study:.2f}x)" if study is not None else ''))
   timing = f"  time        rollout {r['runtime_s']:.2f} s"
   if ref.get('kind') == 'bf16' and ref.get('runtime_s'):
     timing += f" vs BF16 {ref['runtime_s']:.2f} s: {r['runtime_s'] / ref['runtime_s']:.2f}x"

@@ -261,3 +261,21 @@ def test_geometry_either_runs_or_is_one_line(blocks, extra, window, sink, block,
   assert res['frames'] == s.frames and np.isfinite(res['latent_rel_l2'])
   lat = np.load(os.path.join(res['outdir'], 'latents.npy'))
   assert lat.shape[1] == s.frames and np.all(np.isfinite(lat))
+
+
+def test_summary_screen_for_every_kind_of_result():
+  """The launcher's one-screen summary: a method without the study's accounting (QVG: None) and a
+  run without a reference print without error; a world run shows its fidelity and checks."""
+  base = dict(method='QVG_INT2', config='tiny', frames=9, seed=0, kv_cache_bytes=1000,
+              bf16_kv_cache_bytes=4000, compression_ratio=4.0, study_compression_ratio=None,
+              runtime_s=0.5, compile_s=3.0, reference=None, outdir='/tmp/x')
+  text = launch.summary(base, 'random weights')
+  assert '4.00x smaller' in text and "study's accounting" not in text
+  world = dict(base, study_compression_ratio=4.5, reference=dict(kind='bf16', runtime_s=0.25),
+               latent_psnr=30.0, latent_rel_l2=0.1, video_psnr=40.0, video_psnr_onset=100.0,
+               prompts=['a red circle bouncing on a gray background'], videos=['video.mp4'],
+               world_checks=[dict(passed=False, background=0.9, presence=[0.2], coherent=False)])
+  text = launch.summary(world, 'the trained world model')
+  assert "study's accounting 4.50x" in text and '2.00x' in text          # time ratio to BF16
+  assert 'video PSNR 40.0 dB' in text and 'world check FAILED: background 0.90' in text
+  assert len(text.splitlines()) <= 12

@@ -22,7 +22,7 @@ import jax
 from flax import nnx
 
 from kvjax import checkpoint as ckpt
-from kvjax.model import WanConfig, WanDiT
+from kvjax.model import WanConfig
 from kvjax.world import text as text_lib
 
 FORMAT = 'kvjax.world.v1'
@@ -40,8 +40,7 @@ class WorldModel:
 
 
 def _abstract(dit_cfg: WanConfig, text_cfg: text_lib.CaptionEncoderConfig) -> nnx.State:
-  return nnx.State(dict(dit=nnx.state(nnx.eval_shape(lambda: WanDiT(dit_cfg, rngs=nnx.Rngs(0)))),
-                        text=text_lib.abstract_params(text_cfg)))
+  return nnx.State(dict(dit=ckpt.abstract_params(dit_cfg), text=text_lib.abstract_params(text_cfg)))
 
 
 def _hashes(folder: str) -> dict[str, str]:

@@ -39,6 +39,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from kvjax import checkpoint as ckpt
 from kvjax.model import WanConfig, WanDiT
 from kvjax.sampler import SamplerConfig, frame_mask, schedule
 from kvjax.world import codec, scene
@@ -128,7 +129,7 @@ class Models:
 
   @property
   def dit_graph(self):
-    return nnx.graphdef(nnx.eval_shape(lambda: WanDiT(self.dit_cfg, rngs=nnx.Rngs(0))))
+    return ckpt.graphdef(self.dit_cfg)
 
   @property
   def text_graph(self):
