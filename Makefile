@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m kvjax.launch --method=bf16
+	$(PY) -m kvjax.launch --method=softprune_int4
 
 test: setup
 	$(PY) -m pytest -q -n 2

@@ -1,23 +1,22 @@
 """Self-Forcing (Wan2.1-T2V causal DiT) model, sampler and cache configs.
 
 Variants (the part after ``:``):
-  world                   the world model shipped in kvjax/world/weights (3 layers, dim 64, 2x32
-                          heads), 9 frames of 16x16 RGB (8x8x12 latents through the exact
-                          space-to-depth codec, 16 tokens a frame), prompts through its caption
-                          encoder, video.mp4 written. CPU, seconds. Partly trained: it draws the
-                          prompted background, not yet the objects (BUILD.md).
-  world_long              world with 36 frames rolled through a 9-frame window, 3 sink frames
-                          (4x the training length: the drift setting).
-  tiny                    the default, random weights: 2 layers, dim 64, 2x32 heads, 8x8 latents,
-                          9 frames.
+  world                   the default: the world model shipped in kvjax/world/weights (4 layers,
+                          dim 96, 3x32 heads), 9 frames of 16x16 RGB (8x8x12 latents through the
+                          exact space-to-depth codec, 16 tokens a frame), prompts through its
+                          caption encoder, video.mp4 written. CPU, seconds.
+  world_long              world with 36 frames rolled through a 12-frame window, 3 sink frames
+                          (4x the training length: the drift setting; 12, not 9, so that the
+                          RECENT2 rows keep a rolling quantized slot beside the sinks).
+  tiny                    random weights: 2 layers, dim 64, 2x32 heads, 8x8 latents, 9 frames.
   tiny_long               tiny with 18 frames rolled through a 9-frame window, 3 sink frames.
   mid                     4 layers, dim 256, 4x64 heads, 24x40 latents, 21 frames (benchmarks).
   wan2.1_t2v_1.3b         the real 1.3B model at 480x832: 21 latent frames of 60x104 (1560 tokens each).
   wan2.1_t2v_1.3b_long    1.3B, 42 latent frames through a 21-frame attention window (the study's setting).
 
 Run:
+  python -m kvjax.launch --method=softprune_int4          # the world (the default)
   python -m kvjax.launch --method=bf16 --config=configs/self_forcing.py:tiny
-  python -m kvjax.launch --method=softprune_int4 --config=configs/self_forcing.py:world
   python -m launch.train_tiny                            # retrains the world model (<= 20 min)
   python -m kvjax.launch --method=bf16 --config=configs/self_forcing.py:wan2.1_t2v_1.3b --plan
 Any field can be overridden on the command line, e.g. ``--config.model.num_layers=4``.
@@ -28,7 +27,7 @@ import ml_collections
 from kvjax.world import bundle
 
 _MODELS = {
-    'world': dict(dim=64, ffn_dim=256, num_heads=2, num_layers=3, text_len=16, text_dim=32,
+    'world': dict(dim=96, ffn_dim=384, num_heads=3, num_layers=4, text_len=16, text_dim=32,
                   in_dim=12, out_dim=12),
     'tiny': dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_len=16, text_dim=32),
     'mid': dict(dim=256, ffn_dim=1024, num_heads=4, num_layers=4, text_len=64, text_dim=256),
@@ -39,7 +38,7 @@ _MODELS = {
 # (num_latent_frames, latent_height, latent_width, window_frames, sink_frames)
 _VIDEOS = {
     'world': (9, 8, 8, -1, 0),
-    'world_long': (36, 8, 8, 9, 3),
+    'world_long': (36, 8, 8, 12, 3),
     'tiny': (9, 8, 8, -1, 0),
     'tiny_long': (18, 8, 8, 9, 3),
     'mid': (21, 24, 40, -1, 0),
@@ -48,9 +47,13 @@ _VIDEOS = {
 }
 
 
-def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
+DEFAULT_VARIANT = 'world'
+"""The variant of ``get_config()`` and so of ``python -m kvjax.launch`` without --config."""
+
+
+def get_config(arg: str = DEFAULT_VARIANT) -> ml_collections.ConfigDict:
   """Returns the config of variant ``arg`` (see the module docstring)."""
-  arg = arg or 'tiny'
+  arg = arg or DEFAULT_VARIANT
   if arg not in _VIDEOS:
     raise ValueError(f'unknown config variant {arg!r}; valid: {sorted(_VIDEOS)}')
   model_name = arg.removesuffix('_long')
@@ -99,6 +102,6 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     ))
     # launch/train_tiny.py: teacher-forced training on clips of ``frames`` latent frames.
     c.train = ml_collections.ConfigDict(dict(
-        seed=0, steps=6000, batch_size=8, frames=9, lr=1e-3, warmup=100, weight_decay=0.01,
+        seed=0, steps=4000, batch_size=8, frames=9, lr=1e-3, warmup=100, weight_decay=0.01,
         clip=1.0, ckpt_every=500, eval_every=250, eval_batches=2))
   return c

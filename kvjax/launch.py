@@ -1,13 +1,13 @@
 r"""kvjax launcher: one Self-Forcing rollout with a KV-cache method, or its plan.
 
-  python -m kvjax.launch --method=bf16                 # built-in tiny default, CPU, < 1 min
-  python -m kvjax.launch --config=configs/self_forcing.py:world --method=softprune_int4 \
-      --prompt="a green triangle bouncing on a black background"
+  python -m kvjax.launch --method=softprune_int4       # the built-in world model, CPU, < 1 min
+  python -m kvjax.launch --method=kivi_int2 --prompt="a green triangle bouncing on a black background"
+  python -m kvjax.launch --method=bf16 --config=configs/self_forcing.py:tiny   # random weights
   python -m kvjax.launch --method=bf16 --config=configs/self_forcing.py:wan2.1_t2v_1.3b --plan
   python -m kvjax.launch --list_methods
 
-The world configs (configs/self_forcing.py:world) run a tiny DiT trained on a procedural world of
-coloured shapes (kvjax/world; retrain with python -m launch.train_tiny): prompts follow its
+The default config (configs/self_forcing.py:world) runs a tiny DiT trained on a procedural world
+of coloured shapes (kvjax/world; retrain with python -m launch.train_tiny): prompts follow its
 caption grammar, and the run writes video.mp4 through its exact codec and checks the video
 against the prompt. Writes result.json, latents.npy and curves.csv under --outdir (default
 runs/<stamp>_...); with the Wan configs, video.mp4 needs --wan_dir:
@@ -31,7 +31,8 @@ from ml_collections import config_flags
 import configs
 from kvjax import interrupts
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), 'self_forcing.py') + ':tiny'
+# No variant: get_config() picks the default (configs.self_forcing.DEFAULT_VARIANT, the world).
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), 'self_forcing.py')
 EXIT_USAGE = 2
 
 

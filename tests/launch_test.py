@@ -17,6 +17,7 @@ from kvjax.sampler import SamplerConfig, make_noise
 from tests.conftest import requires_torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = '--config=configs/self_forcing.py:tiny'   # random weights, Wan's 16 latent channels
 
 
 def _cli(*args, timeout=300):
@@ -108,7 +109,7 @@ class TestBadInput:
 
 def test_cli_smoke_outputs(tmp_path):
   out = tmp_path / 'run'
-  p = _cli('--method=bf16', f'--outdir={out}', '--noprogress')
+  p = _cli(TINY, '--method=bf16', f'--outdir={out}', '--noprogress')
   assert p.returncode == 0, p.stderr
   res = json.loads((out / 'result.json').read_text())
   for key in ('method', 'config', 'seed', 'frames', 'kv_cache_bytes', 'bf16_kv_cache_bytes',
@@ -137,7 +138,7 @@ def test_cli_bad_flag_fails_before_work(tmp_path):
 def test_cli_list_methods_and_plan():
   p = _cli('--list_methods')
   assert p.returncode == 0 and 'BF16' in p.stdout and 'aliases' in p.stdout
-  p = _cli('--plan', '--method=bf16')
+  p = _cli(TINY, '--plan', '--method=bf16')
   assert p.returncode == 0, p.stderr
   plan = json.loads(p.stdout)
   assert plan['params'] == 161536

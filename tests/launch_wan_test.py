@@ -20,6 +20,7 @@ from tests.conftest import rel_err, requires_torch
 
 pytestmark = requires_torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = '--config=configs/self_forcing.py:tiny'   # --wan_dir / --checkpoint belong to the Wan configs
 
 
 @pytest.fixture(scope='module')
@@ -41,7 +42,7 @@ def _resolve(setup, **kw):
 
 def test_cli_prompt_to_video(setup, tmp_path):
   out = tmp_path / 'run'
-  p = subprocess.run([sys.executable, '-m', 'kvjax.launch', '--method=bf16',
+  p = subprocess.run([sys.executable, '-m', 'kvjax.launch', '--method=bf16', TINY,
                       f'--checkpoint={setup["ckpt"]}', f'--wan_dir={setup["wan"]}',
                       '--prompt=a cat runs on the beach at sunset', '--reference=none',
                       f'--outdir={out}', '--noprogress'], cwd=ROOT, capture_output=True, text=True,
@@ -118,7 +119,7 @@ class TestBadInput:
 
   def test_cli_fails_before_work(self, setup, tmp_path):
     out = tmp_path / 'never'
-    p = subprocess.run([sys.executable, '-m', 'kvjax.launch', f'--wan_dir={tmp_path / "nope"}',
+    p = subprocess.run([sys.executable, '-m', 'kvjax.launch', TINY, f'--wan_dir={tmp_path / "nope"}',
                         '--prompt=a cat', f'--outdir={out}'], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 2 and '--wan_dir not found' in p.stderr and not out.exists()

@@ -9,7 +9,8 @@ at inference: a clean block sees the clean blocks up to itself (the context pass
 sees the clean blocks before it (the cache) and its own noisy frames, with the same window and
 sink rule as ``kvjax.sampler.frame_mask``. The loss is flow matching's: the DiT predicts
 v = eps - x0 at the noisy frames (mean squared error, float32; the first block's frames weigh
-``FIRST_BLOCK_WEIGHT``, and that block is drawn at sigma = 1 half the time: see below).
+``FIRST_BLOCK_WEIGHT``, and that block is drawn at sigma = 1 half the time: see below; every
+latent cell weighs 1 + ``OBJECT_WEIGHT`` x the objects' coverage of it, ``cell_weights``).
 
 The first block's noise decides its motion (``training_batch``). A few-step sampler trained by
 plain flow matching predicts at sigma = 1 the mean of everything the caption allows; with the
@@ -22,8 +23,6 @@ noise at the object's own token (``noise_velocity``): its direction and speed ar
 the world's ranges when the noise is N(0, 1), so the data distribution is the world's (up to
 the fixed start) and inference noise is still plain N(0, 1), but the model can read the motion
 off the noise it starts from. The other blocks' motion follows from their clean context.
-
-Shapes: latents [B, F, C, h, w]; ids / mask [B, L]; text states [B, L, E].
 
 Shapes: latents [B, F, C, h, w]; ids / mask [B, L]; text states [B, L, E].
 """
@@ -67,6 +66,11 @@ def teacher_mask(num_frames: int, block_frames: int, window_frames: int,
 
 
 FIRST_BLOCK_WEIGHT = 2.0
+OBJECT_WEIGHT = 4.0
+"""Extra loss weight of a latent cell in proportion to how much of it the objects cover
+(``cell_weights``). At 16x16 px the objects cover 2-15% of a frame, so under a uniform loss
+the background dominates the gradient: the uniformly weighted model learns backgrounds and
+draws objects as faint ghosts that its later denoising steps erase (measured; BUILD.md)."""
 START_SPREAD = 0.22      # two objects start this fraction of the width left / right of centre
 
 
@@ -98,10 +102,21 @@ def noise_velocity(eps0: np.ndarray, k: int, x: float, y: float, height: int,
   return float(speed * np.cos(angle)), float(speed * np.sin(angle))
 
 
+def cell_weights(coverage: np.ndarray) -> np.ndarray:
+  """Loss weights [B, F, h, w] of the latent cells from the renderer's coverage [B, F, K, H, W]:
+  1 + OBJECT_WEIGHT * (the largest object coverage of a pixel in the cell)."""
+  b, f, _, hh, ww = coverage.shape
+  cov = np.clip(coverage.sum(2), 0.0, 1.0).reshape(b, f, hh // codec.FACTOR, codec.FACTOR,
+                                                    ww // codec.FACTOR, codec.FACTOR)
+  return (1.0 + OBJECT_WEIGHT * cov.max(axis=(3, 5))).astype(np.float32)
+
+
 def training_batch(seed: int, index: int, batch: int, num_frames: int, height: int, width: int,
-                   block_frames: int) -> tuple[np.ndarray, list[str], np.ndarray]:
-  """Batch ``index`` of stream ``seed``: latents [B, F, 12, h, w] (the codec's), captions, and
-  the first block's initial noise eps0 [B, bf, 12, h, w] that set the objects' velocities."""
+                   block_frames: int
+                   ) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+  """Batch ``index`` of stream ``seed``: latents [B, F, 12, h, w] (the codec's), captions, the
+  first block's initial noise eps0 [B, bf, 12, h, w] that set the objects' velocities, and the
+  cells' loss weights [B, F, h, w] (``cell_weights``)."""
   rng = np.random.default_rng([seed, index])
   c, hh, ww = codec.latent_shape(height, width)
   eps0 = rng.standard_normal((batch, block_frames, c, hh, ww)).astype(np.float32)
@@ -116,8 +131,8 @@ def training_batch(seed: int, index: int, batch: int, num_frames: int, height: i
     sc = dataclasses.replace(sc, objects=tuple(objs))
     scenes.append(sc)
     captions.append(scene.caption(sc, with_sizes=bool(rng.random() < 0.5)))
-  frames, _ = scene.render_batch(scenes, num_frames, height, width)
-  return codec.encode(frames), captions, eps0
+  frames, coverage = scene.render_batch(scenes, num_frames, height, width)
+  return codec.encode(frames), captions, eps0, cell_weights(coverage)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,9 +171,10 @@ def init_params(models: Models, seed: int) -> dict:
               text=nnx.state(text_lib.CaptionEncoder(models.text_cfg, rngs=nnx.Rngs(kt))))
 
 
-def loss_fn(params: dict, latents, ids, mask, eps0, key, *, models: Models, dit_graph,
+def loss_fn(params: dict, latents, ids, mask, eps0, cells, key, *, models: Models, dit_graph,
             text_graph):
-  """Teacher-forced flow-matching loss of a batch: mean over [B, F, C, h, w] of (v - target)^2.
+  """Teacher-forced flow-matching loss of a batch: the weighted mean over [B, F, C, h, w] of
+  (v - target)^2, weights = the cells' (``cell_weights``) x FIRST_BLOCK_WEIGHT on block 0.
 
   Args:
     latents: [B, F, C, h, w] float32 clean clips; ids, mask: [B, L] int32 captions.
@@ -188,8 +204,10 @@ def loss_fn(params: dict, latents, ids, mask, eps0, key, *, models: Models, dit_
   m = teacher_mask(nf, bf, nf)
   pos = np.concatenate([np.arange(nf), np.arange(nf)])
   v = dit.forward_full(xs, tt, cross, m, frame_pos=pos)[:, nf:]
-  w = jnp.ones((nf,), f32).at[:bf].set(FIRST_BLOCK_WEIGHT)[None, :, None, None, None]
-  return jnp.sum(w * jnp.square(v - (eps - latents))) / (jnp.sum(w) * v[0, 0].size * b)
+  w = jnp.ones((nf,), f32).at[:bf].set(FIRST_BLOCK_WEIGHT)[None, :, None, None]
+  w = (w * cells)[:, :, None]                                             # [B, F, 1, h, w]
+  err = jnp.sum(jnp.square(v - (eps - latents)), axis=2, keepdims=True)
+  return jnp.sum(w * err) / (jnp.sum(w) * latents.shape[2])
 
 
 @functools.lru_cache(maxsize=4)
@@ -202,12 +220,13 @@ def optimizer(lr: float, steps: int, warmup: int, weight_decay: float,
 
 @functools.lru_cache(maxsize=4)
 def make_step(models: Models, opt: optax.GradientTransformation):
-  """(params, opt_state, latents, ids, mask, eps0, key) -> (params, opt_state, loss), jitted (one
+  """(params, opt_state, latents, ids, mask, eps0, cells, key) -> (params, opt_state, loss),
+  jitted (one
   compiled step per (models, optimiser) in a process)."""
   dit_graph, text_graph = models.dit_graph, models.text_graph
 
-  def step(params, opt_state, latents, ids, mask, eps0, key):
-    loss, grads = jax.value_and_grad(loss_fn)(params, latents, ids, mask, eps0, key,
+  def step(params, opt_state, latents, ids, mask, eps0, cells, key):
+    loss, grads = jax.value_and_grad(loss_fn)(params, latents, ids, mask, eps0, cells, key,
                                               models=models, dit_graph=dit_graph,
                                               text_graph=text_graph)
     updates, opt_state = opt.update(grads, opt_state, params)
@@ -218,7 +237,7 @@ def make_step(models: Models, opt: optax.GradientTransformation):
 
 @functools.lru_cache(maxsize=4)
 def make_eval(models: Models):
-  """(params, latents, ids, mask, eps0, key) -> loss, jitted."""
+  """(params, latents, ids, mask, eps0, cells, key) -> loss, jitted."""
   dit_graph, text_graph = models.dit_graph, models.text_graph
-  return jax.jit(lambda p, lat, ids, mask, eps0, key: loss_fn(
-      p, lat, ids, mask, eps0, key, models=models, dit_graph=dit_graph, text_graph=text_graph))
+  return jax.jit(lambda p, lat, ids, mask, eps0, cells, key: loss_fn(
+      p, lat, ids, mask, eps0, cells, key, models=models, dit_graph=dit_graph, text_graph=text_graph))

@@ -42,13 +42,15 @@ def models_of(config) -> train.Models:
 
 
 def batch_of(config, seed: int, index: int, size: int):
-  """Batch ``index`` of stream ``seed``: latents [B, F, C, h, w], ids, mask [B, L], eps0."""
+  """Batch ``index`` of stream ``seed``: latents [B, F, C, h, w], ids, mask [B, L], eps0 and the
+  cells' loss weights (``train.training_batch``)."""
   h = config.video.latent_height * codec.FACTOR
   w = config.video.latent_width * codec.FACTOR
-  latents, captions, eps0 = train.training_batch(seed, index, size, config.train.frames, h, w,
-                                                 config.sampler.block_frames)
+  latents, captions, eps0, cells = train.training_batch(
+      seed, index, size, config.train.frames, h, w, config.sampler.block_frames)
   ids, mask = text_lib.tokenize(captions, config.model.text_len)
-  return jnp.asarray(latents), jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(eps0)
+  return (jnp.asarray(latents), jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(eps0),
+          jnp.asarray(cells))
 
 
 def _check_workdir(workdir: str, fingerprint: dict) -> None:

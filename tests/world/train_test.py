@@ -195,7 +195,7 @@ def test_noise_sets_the_first_blocks_motion_with_the_worlds_marginals():
   raw = np.hypot(v[:, 0], v[:, 1])
   assert ks(raw / raw.max(), lambda s: s) > bound
 
-  lat, caps, eps0 = train.training_batch(3, 0, 6, 6, 16, 16, 3)
+  lat, caps, eps0, _ = train.training_batch(3, 0, 6, 6, 16, 16, 3)
   for b in range(6):
     p = scene.parse(caps[b])
     starts = train.start_positions(len(p.objects), 16, 16)
@@ -218,3 +218,22 @@ def test_adaln_zero_start():
   v, _ = model.forward_cached(x, jnp.full((1, 3), 500.0), cross, 0)
   assert float(jnp.max(jnp.abs(v))) == 0.0
   assert float(jnp.max(jnp.abs(params['dit']['blocks']['modulation'][...]))) == 0.0
+
+
+def test_cell_weights_follow_the_objects_coverage():
+  """cell_weights against an explicit loop over 2x2 pixel cells, on a rendered scene: background
+  cells weigh 1, a cell inside an object 1 + OBJECT_WEIGHT, an edge cell in between (its most
+  covered pixel's coverage); no coverage weighs 1 everywhere."""
+  sc = scene.Scene('gray', (scene.Obj('red', 'square', 'big', 8.0, 8.0, 1.0, 0.5),))
+  _, cov = scene.render_batch([sc], 3, 16, 16)                   # [1, 3, 1, 16, 16]
+  got = train.cell_weights(cov)
+  assert got.shape == (1, 3, 8, 8) and got.dtype == np.float32
+  want = np.ones((1, 3, 8, 8), np.float32)
+  for t in range(3):
+    for i in range(8):
+      for j in range(8):
+        want[0, t, i, j] += train.OBJECT_WEIGHT * cov[0, t, 0, 2 * i:2 * i + 2, 2 * j:2 * j + 2].max()
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert got.max() == 1 + train.OBJECT_WEIGHT and got.min() == 1.0
+  assert 1.0 < np.median(got[got > 1.0]) <= 1 + train.OBJECT_WEIGHT
+  np.testing.assert_array_equal(train.cell_weights(np.zeros_like(cov)), np.ones_like(got))
