@@ -210,10 +210,16 @@ def summary(r: dict, weights: str) -> str:
   if 'latent_psnr' in r:
     fid = (f"  fidelity    vs the {ref.get('kind', '?')} reference: latent PSNR "
            f"{r['latent_psnr']:.1f} dB, rel. L2 {r['latent_rel_l2']:.4f}")
-    if 'video_psnr' in r:
-      fid += (f"; video PSNR {r['video_psnr']:.1f} dB (all frames), "
-              f"{r['video_psnr_onset']:.1f} dB (first block)")
     lines.append(fid)
+  if 'video_psnr' in r:
+    vid = f"  video       all frames PSNR {r['video_psnr']:.1f} dB"
+    if 'video_ssim' in r:
+      vid += f", SSIM {r['video_ssim']:.4f}, LPIPS {r['video_lpips']:.4f}"
+    vid += f"; first block PSNR {r['video_psnr_onset']:.1f} dB"
+    d = (r.get('video_drift') or {}).get('psnr')
+    if d:
+      vid += f"; last window {d['last_window']:.1f} dB"
+    lines.append(vid)
   for prompt, c in zip(r.get('prompts') or [], r.get('world_checks') or []):
     objs = ', '.join(f'{x:.2f}' for x in c['presence'])
     lines.append(f"  world check {'passed' if c['passed'] else 'FAILED'}: background "

@@ -399,6 +399,7 @@ def generate(s: RunSettings, *, progress: bool = True, save_inputs: bool = False
   if ref is not None:
     result.update(metrics.latent_fidelity(latents, ref))
   video = strip = None
+  frame_curves = {}                          # per-frame video metrics (one frame per latent)
   if s.prompts:
     result.update(prompts=s.prompts, **(text_info or {}))
   if s.world is not None:                    # the exact space-to-depth codec
@@ -408,8 +409,10 @@ def generate(s: RunSettings, *, progress: bool = True, save_inputs: bool = False
     strip = list(frames)                     # frames.png: each video, the reference's under it
     if ref is not None:
       ref_frames = video_io.to_uint8(codec.decode(ref))
-      result.update(metrics.video_fidelity(frames, ref_frames,
-                                           onset_frames=s.sampler_cfg.block_frames))
+      scores, frame_curves = metrics.video_fidelity(
+          frames, ref_frames, onset_frames=s.sampler_cfg.block_frames,
+          window=s.spec.window_frames)
+      result.update(scores)
       strip = [r for pair in zip(frames, ref_frames) for r in pair]
     if s.prompts:                            # the world's ground truth: does the video match?
       result['world_checks'] = [checks.evaluate(f, scene.parse(p))
@@ -418,7 +421,7 @@ def generate(s: RunSettings, *, progress: bool = True, save_inputs: bool = False
     video, video_info = wan_io.decode_latents(s.wan_dir, latents,
                                               block_frames=s.sampler_cfg.block_frames)
     result.update(wan_dir=s.wan_dir.path, **video_info)
-  curves = metrics.per_frame_curves(latents, ref)
+  curves = {**metrics.per_frame_curves(latents, ref), **frame_curves}
   artifacts = s.method.artifacts(cache)
   inputs = None
   if save_inputs:

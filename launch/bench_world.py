@@ -109,18 +109,6 @@ def select_methods(text: str) -> list[str]:
   return sorted(picked, key=lambda n: (n not in order, order.get(n, 0)))
 
 
-def drift(per_frame: np.ndarray, block_frames: int, window: int) -> tuple[float, float]:
-  """per-frame PSNR [T] -> (mean over the last ``window`` frames, least-squares slope in dB/frame
-  over frames ``block_frames..T-1``; NaN with fewer than two such frames)."""
-  per = np.asarray(per_frame, np.float64)
-  last = float(np.mean(per[-window:]))
-  idx = np.arange(block_frames, per.shape[0])
-  if idx.size < 2:
-    return last, float('nan')
-  x = idx - idx.mean()                  # closed-form least squares: a constant curve gives 0.0
-  return last, float(np.sum(x * (per[block_frames:] - per[block_frames:].mean())) / np.sum(x * x))
-
-
 def _rollout(s: run.RunSettings, params, noise, texts, gdef, repeats: int):
   """The rollout of ``s.method`` and its runtime: the minimum over 1 + ``repeats`` rollouts
   (compile excluded); reruns are compared bit for bit with the first."""
@@ -147,11 +135,13 @@ def score(s: run.RunSettings, latents, cache, ref_latents, ref_u8, prompts) -> d
     return row
   frames = video_io.to_uint8(codec.decode(latents))                       # [B, T, H, W, 3]
   bf = s.sampler_cfg.block_frames
-  per = metrics.frame_psnr(frames, ref_u8)
-  row.update(metrics.video_fidelity(frames, ref_u8, onset_frames=bf))
+  scores, curves = metrics.video_fidelity(frames, ref_u8, onset_frames=bf,
+                                          window=s.spec.window_frames, metrics=('psnr',))
+  row.update(video_psnr=scores['video_psnr'], video_psnr_onset=scores['video_psnr_onset'])
   row.update(metrics.latent_fidelity(latents, ref_latents))
-  row['last_window_psnr'], row['psnr_slope'] = drift(per, bf, s.spec.window_frames)
-  row['frame_psnr'] = [float(p) for p in per]
+  d = scores['video_drift']['psnr']
+  row.update(last_window_psnr=d['last_window'], psnr_slope=d['slope'], psnr_vde=d['vde'])
+  row['frame_psnr'] = curves['video_psnr']
   row['checks'] = [checks.evaluate(f, scene.parse(p)) for f, p in zip(frames, prompts)]
   row['checks_passed'] = sum(c['passed'] for c in row['checks'])
   return row

@@ -277,5 +277,5 @@ def test_summary_screen_for_every_kind_of_result():
                world_checks=[dict(passed=False, background=0.9, presence=[0.2], coherent=False)])
   text = launch.summary(world, 'the trained world model')
   assert "study's accounting 4.50x" in text and '2.00x' in text          # time ratio to BF16
-  assert 'video PSNR 40.0 dB' in text and 'world check FAILED: background 0.90' in text
+  assert 'all frames PSNR 40.0 dB' in text and 'world check FAILED: background 0.90' in text
   assert len(text.splitlines()) <= 12

@@ -1,4 +1,4 @@
-"""launch/bench_world.py: the drift numbers, the method selection, the ordering lines, and a
+"""launch/bench_world.py: the method selection, the ordering lines, and a
 short end-to-end run on the shipped world model (whatever weights are there)."""
 
 import json
@@ -11,32 +11,6 @@ from kvjax import cache as kvcache
 from kvjax import metrics
 from kvjax.sampler import SelfForcing
 from launch import bench_world as bw
-
-
-class TestDrift:
-
-  def test_slope_skips_the_first_block_and_matches_scipy(self):
-    rng = np.random.default_rng(0)
-    t = np.arange(36)
-    per = 60.0 - 0.25 * t + rng.normal(0, 0.5, 36)
-    per[:3] = metrics.PSNR_CAP                       # the first block at the cap, as in a rollout
-    last, slope = bw.drift(per, block_frames=3, window=9)
-    ref = stats.linregress(t[3:], per[3:])
-    assert slope == pytest.approx(ref.slope, rel=1e-9, abs=1e-12)
-    assert last == pytest.approx(per[-9:].mean(), rel=1e-12)
-    # Negative control: a fit over every frame is pulled far up by the capped first block.
-    with_first = stats.linregress(t, per).slope
-    assert abs(with_first - slope) > 0.5
-
-  def test_exact_line_and_constant(self):
-    t = np.arange(12, dtype=np.float64)
-    per = np.concatenate([[100.0] * 3, 50.0 - 0.75 * t[3:]])
-    assert bw.drift(per, 3, 4) == pytest.approx((50.0 - 0.75 * 9.5, -0.75))
-    assert bw.drift(np.full(12, 100.0), 3, 9)[1] == 0.0          # BF16 against itself: exactly 0
-
-  def test_one_block_has_no_slope(self):
-    last, slope = bw.drift(np.array([40.0, 41.0, 42.0]), 3, 9)
-    assert last == pytest.approx(41.0) and np.isnan(slope)
 
 
 class TestSelection:

@@ -40,13 +40,6 @@ def frame_psnr(video: np.ndarray, ref: np.ndarray) -> np.ndarray:
   return np.minimum(out, PSNR_CAP)
 
 
-def video_fidelity(video: np.ndarray, ref: np.ndarray, onset_frames: int) -> dict[str, float]:
-  """video_psnr: the mean over all frames (the study's protocol); video_psnr_onset: the mean over
-  the first ``onset_frames`` frames (the first block, before rollouts diverge)."""
-  per = frame_psnr(video, ref)
-  return dict(video_psnr=float(np.mean(per)), video_psnr_onset=float(np.mean(per[:onset_frames])))
-
-
 def _box_mean(x, w: int):
   """Mean of every w x w window inside x [..., H, W] -> [..., H - w + 1, W - w + 1]."""
   h, wd = x.shape[-2] - w + 1, x.shape[-1] - w + 1
