@@ -30,6 +30,7 @@ from ml_collections import config_flags
 
 import configs
 from kvjax import interrupts
+from kvjax import references
 
 # No variant: get_config() picks the default (configs.self_forcing.DEFAULT_VARIANT, the world).
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), 'self_forcing.py')
@@ -66,6 +67,9 @@ flags.DEFINE_string('outdir', None, 'Result directory (must not exist or be empt
 flags.DEFINE_enum('impl', 'auto', ['auto', 'xla', 'pallas'], 'Attention implementation.')
 flags.DEFINE_enum('reference', 'bf16', ['bf16', 'torch', 'none'],
                   'Reference rollout for fidelity metrics (same noise).')
+flags.DEFINE_string('reference_dir', references.DEFAULT_DIR,
+                    'Where BF16 references are stored and reused across runs (keyed by every '
+                    'input of the rollout); empty: always roll the reference out.')
 flags.DEFINE_string('noise_file', None, '.npz with initial [B,F,C,h,w] and renoise '
                     '[blocks, steps-1, B, block_frames, C, h, w]; fixes the latent shape.')
 flags.DEFINE_string('text_states', None, '.npy [B, L, text_dim] replacing the text encoder.')
@@ -155,7 +159,8 @@ def main(argv):
         compute_dtype=FLAGS.compute_dtype, window_frames=FLAGS.window_frames,
         sink_frames=FLAGS.sink_frames, outdir=None if FLAGS.plan else FLAGS.outdir,
         method_args=FLAGS.method_args, wan_dir=FLAGS.wan_dir, prompt=FLAGS.prompt,
-        prompts_file=FLAGS.prompts_file, free_text_encoder=FLAGS.free_text_encoder)
+        prompts_file=FLAGS.prompts_file, free_text_encoder=FLAGS.free_text_encoder,
+        reference_dir=None if FLAGS.plan else FLAGS.reference_dir)
   except INPUT_ERRORS as e:
     return _error(e)
   if FLAGS.plan:
@@ -208,7 +213,8 @@ def summary(r: dict, weights: str) -> str:
     timing += f" vs BF16 {ref['runtime_s']:.2f} s: {r['runtime_s'] / ref['runtime_s']:.2f}x"
   lines.append(timing + f" (compile {r['compile_s']:.1f} s, not counted)")
   if 'latent_psnr' in r:
-    fid = (f"  fidelity    vs the {ref.get('kind', '?')} reference: latent PSNR "
+    kind = ref.get('kind', '?') + (' (stored, reused)' if ref.get('stored') else '')
+    fid = (f"  fidelity    vs the {kind} reference: latent PSNR "
            f"{r['latent_psnr']:.1f} dB, rel. L2 {r['latent_rel_l2']:.4f}")
     lines.append(fid)
   if 'video_psnr' in r:

@@ -26,6 +26,7 @@ from kvjax import cache as kvcache
 from kvjax import checkpoint as ckpt
 from kvjax import kernels
 from kvjax import metrics
+from kvjax import references
 from kvjax import video as video_io
 from kvjax import wan_dir as wan_io
 from kvjax.cache import accounting
@@ -69,6 +70,8 @@ class RunSettings:
   # The trained world model (config.world): a checked kvjax.world.bundle.WorldModel, whose
   # caption encoder encodes ``prompts`` and whose codec decodes the latents into video.mp4.
   world: bundle.WorldModel | None = None
+  # Where BF16 references are stored and reused (kvjax.references); None: always rolled out.
+  reference_dir: str | None = None
 
 
 def _load_text_states(path: str, model_cfg: WanConfig) -> np.ndarray:
@@ -124,8 +127,11 @@ def resolve(config: ml_collections.ConfigDict, *, method: str = 'bf16',
             sink_frames: int | None = None, outdir: str | None = None,
             method_args: str | None = None, wan_dir: str | None = None,
             prompt: str | None = None, prompts_file: str | None = None,
-            free_text_encoder: bool = True) -> RunSettings:
+            free_text_encoder: bool = True, reference_dir: str | None = None) -> RunSettings:
   """Validates every input and returns the run to execute; raises ValueError/FileNotFoundError.
+
+  ``reference_dir``: store the BF16 reference there and reuse a stored one of the same inputs
+  (``kvjax.references``; the launcher's default is ``references.DEFAULT_DIR``); None: roll it out.
 
   ``method_args`` overrides method parameters: 'key=value,key=value' (see --list_methods).
   """
@@ -242,13 +248,16 @@ def resolve(config: ml_collections.ConfigDict, *, method: str = 'bf16',
   config.cache.window_frames, config.cache.sink_frames = window, sink
   config.model = ml_collections.ConfigDict(model_cfg.to_dict())
   _check_outdir(outdir)
+  if reference_dir and reference == 'bf16' and not m.is_reference:
+    references.check_dir(reference_dir)
   return RunSettings(
       config_name=str(config.get('name', '?')), config=config.to_dict(), model_cfg=model_cfg,
       sampler_cfg=sampler_cfg, method=m, spec=spec, batch=batch, frames=frames, height=height,
       width=width, seed=seed,
       weight_seed=int(config.get('weight_seed', 0)), impl=impl, reference=reference,
       checkpoint=checkpoint, noise=noise, text_states=texts, outdir=outdir,
-      wan_dir=wd, prompts=prompts, free_text_encoder=free_text_encoder, world=world)
+      wan_dir=wd, prompts=prompts, free_text_encoder=free_text_encoder, world=world,
+      reference_dir=reference_dir or None)
 
 
 def _world_model_cfg(world: bundle.WorldModel, requested) -> WanConfig:
@@ -313,6 +322,30 @@ def _rollout(s: RunSettings, method: CacheMethod, params, noise, texts, graphdef
   return sf.rollout(params, noise, texts, on_block=cb)
 
 
+def _bf16_reference(s: RunSettings, params, noise, texts, gdef, bar):
+  """(latents [B, F, C, h, w], info) of the BF16 rollout on the run's inputs: the stored one when
+  ``s.reference_dir`` holds an intact entry of the same inputs, else rolled out (and stored)."""
+  key = fields = None
+  if s.reference_dir:
+    fields = dict(model=s.model_cfg.to_dict(), sampler=s.sampler_cfg.to_dict(), batch=s.batch,
+                  frames=s.frames, height=s.height, width=s.width,
+                  window_frames=s.spec.window_frames, sink_frames=s.spec.sink_frames,
+                  impl=kernels.resolve_impl(s.impl), backend=jax.default_backend(),
+                  device_kind=jax.devices()[0].device_kind)
+    key = references.key_of(fields, params, (noise.initial, noise.renoise), texts)
+    shape = (s.batch, s.frames, s.model_cfg.out_dim, s.height, s.width)
+    hit = references.load(s.reference_dir, key, shape)
+    if hit is not None:
+      return hit.latents, dict(kind='bf16', runtime_s=hit.info['runtime_s'],
+                               compile_s=hit.info['compile_s'], stored=True, key=key)
+  ref, _, st = _rollout(s, kvcache.BF16(), params, noise, texts, gdef, 'BF16 reference', bar)
+  info = dict(kind='bf16', runtime_s=st.runtime_s, compile_s=st.compile_s)
+  if key is not None and np.all(np.isfinite(ref)):
+    references.store(s.reference_dir, key, ref, dict(info, **fields), partial=PARTIAL)
+    info.update(stored=False, key=key)
+  return ref, info
+
+
 def _peak_memory() -> int | None:
   try:
     stats = jax.devices()[0].memory_stats()
@@ -364,9 +397,7 @@ def generate(s: RunSettings, *, progress: bool = True, save_inputs: bool = False
     peak = _peak_memory()
     ref, ref_info = None, None
     if s.reference == 'bf16' and not s.method.is_reference:
-      ref, _, rstats = _rollout(s, kvcache.BF16(), params, noise, texts, gdef,
-                                'BF16 reference', bar)
-      ref_info = dict(kind='bf16', runtime_s=rstats.runtime_s, compile_s=rstats.compile_s)
+      ref, ref_info = _bf16_reference(s, params, noise, texts, gdef, bar)
     elif s.reference == 'torch':
       from kvjax import reference_torch
       t0 = time.perf_counter()

@@ -124,6 +124,8 @@ CASES = [
     ('world_prompts_file_bad_line', [WORLD, '--prompts_file={bad_prompts}'], "unknown word 'cat'"),
     ('world_with_checkpoint', [WORLD, '--checkpoint={ckpt}'], 'belong to the Wan configs'),
     ('world_with_wan_dir', [WORLD, '--wan_dir={dir}'], 'belong to the Wan configs'),
+    ('reference_dir_unusable', ['--method=rtn_int4', '--reference_dir={random_pt}/refs'],
+     'cannot store references'),
 ]
 
 
