@@ -449,9 +449,16 @@ def generate(s: RunSettings, *, progress: bool = True, save_inputs: bool = False
       result['world_checks'] = [checks.evaluate(f, scene.parse(p))
                                 for f, p in zip(frames, s.prompts)]
   if s.wan_dir is not None:                  # decoded block by block through one VAE stream
-    video, video_info = wan_io.decode_latents(s.wan_dir, latents,
-                                              block_frames=s.sampler_cfg.block_frames)
+    video, ref_video, video_info = wan_io.decode_latents(
+        s.wan_dir, latents, block_frames=s.sampler_cfg.block_frames, reference=ref)
     result.update(wan_dir=s.wan_dir.path, **video_info)
+    if ref_video is not None:                # the same metrics on the VAE's frames (their own
+      win = s.spec.window_frames             # frame count: no per-latent-frame curve columns)
+      scores, _ = metrics.video_fidelity(
+          video_io.to_uint8(video), video_io.to_uint8(ref_video),
+          onset_frames=video_info['first_block_frames'],
+          window=win * video_info['frames_per_latent'] if win > 0 else -1)
+      result.update(scores)
   curves = {**metrics.per_frame_curves(latents, ref), **frame_curves}
   artifacts = s.method.artifacts(cache)
   inputs = None

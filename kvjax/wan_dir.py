@@ -231,22 +231,32 @@ def encode_prompts(wd: WanDir, prompts: list[str], *, text_len: int, dtype: str,
                       text_encoder_freed=bool(free), text_len=text_len)
 
 
-def decode_latents(wd: WanDir, latents, *, block_frames: int, dtype: str = 'float32') -> tuple:
-  """Decodes sampler latents [B, F, C, h, w] block by block through one VAE stream.
+def decode_latents(wd: WanDir, latents, *, block_frames: int, dtype: str = 'float32',
+                   reference=None) -> tuple:
+  """Decodes sampler latents [B, F, C, h, w] block by block through one VAE stream, and the
+  ``reference`` latents (same shape) through a second stream of the same loaded VAE.
 
   Returns:
-    video [B, 1 + 4(F-1), 8h, 8w, 3] float32 in [-1, 1]; timing info.
+    video [B, 1 + 4(F-1), 8h, 8w, 3] float32 in [-1, 1]; the reference's video or None; timing
+    info (vae_load_s, vae_decode_s of the method's latents, video_frames, first_block_frames,
+    frames_per_latent: video frames per later latent frame).
   """
   import time
   import numpy as np
   t0 = time.perf_counter()
   dec = load_vae(wd, dtype=dtype)
   t1 = time.perf_counter()
-  stream = dec.stream()
-  frames = [stream.push(latents[:, i:i + block_frames])
-            for i in range(0, latents.shape[1], block_frames)]
-  video = np.concatenate(frames, axis=1)
+
+  def run(lat):
+    stream = dec.stream()
+    return np.concatenate([stream.push(lat[:, i:i + block_frames])
+                           for i in range(0, lat.shape[1], block_frames)], axis=1)
+
+  video = run(latents)
   t2 = time.perf_counter()
+  ref_video = run(reference) if reference is not None else None
   dec.free()
-  return video, dict(vae_load_s=round(t1 - t0, 3), vae_decode_s=round(t2 - t1, 3),
-                     video_frames=int(video.shape[1]))
+  return video, ref_video, dict(vae_load_s=round(t1 - t0, 3), vae_decode_s=round(t2 - t1, 3),
+                                video_frames=int(video.shape[1]),
+                                first_block_frames=dec.cfg.num_frames(block_frames),
+                                frames_per_latent=dec.cfg.temporal_factor)

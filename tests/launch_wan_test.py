@@ -12,6 +12,7 @@ import pytest
 
 from configs.self_forcing import get_config
 from kvjax import checkpoint as ckpt
+from kvjax import metrics
 from kvjax import run
 from kvjax import video as video_io
 from kvjax import wan_dir
@@ -123,3 +124,27 @@ class TestBadInput:
                         '--prompt=a cat', f'--outdir={out}'], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 2 and '--wan_dir not found' in p.stderr and not out.exists()
+
+
+def test_video_metrics_on_the_vae_frames(setup, tmp_path):
+  """With --wan_dir and a reference, PSNR/SSIM/LPIPS are scored on the VAE's frames of both
+  rollouts: the first block (9 frames, attending to no cache) equals the reference's, and the
+  whole-video PSNR is what an independent decode of both latents gives."""
+  s = run.resolve(get_config('tiny'), checkpoint=setup['ckpt'], wan_dir=setup['wan'],
+                  method='rtn_int2', reference='bf16', outdir=str(tmp_path / 'q'),
+                  prompt='a cat', compute_dtype='float32')
+  q = run.generate(s, progress=False)
+  ref = run.generate(_resolve(setup, method='bf16', outdir=str(tmp_path / 'r'), prompt='a cat'),
+                     progress=False)
+  assert q['first_block_frames'] == 9 and q['video_frames'] == 1 + 4 * 8
+  assert q['video_psnr_onset'] == metrics.PSNR_CAP > q['video_psnr']
+  assert q['video_ssim_onset'] == pytest.approx(1.0) and 0 < q['video_ssim'] < 1
+  assert q['video_lpips'] > 0 and set(q['video_drift']) == {'psnr', 'ssim', 'lpips'}
+  dec = wan_dir.load_vae(wan_dir.inspect(setup['wan']))
+  u8 = lambda lat: video_io.to_uint8(dec.decode(lat))
+  lq, lr = (np.load(tmp_path / n / 'latents.npy') for n in ('q', 'r'))
+  want = metrics.frame_psnr(u8(lq), u8(lr)).mean()
+  assert q['video_psnr'] == pytest.approx(want, abs=0.05)
+  # Negative control: against the reference's frames in reverse order the PSNR is far off.
+  assert abs(metrics.frame_psnr(u8(lq), u8(lr[:, ::-1])).mean() - want) > 1.0
+  assert 'video_psnr' not in ref                   # BF16 itself has no reference
