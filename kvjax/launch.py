@@ -231,7 +231,7 @@ def summary(r: dict, weights: str) -> str:
     lines.append(f"  world check {'passed' if c['passed'] else 'FAILED'}: background "
                  f"{c['background']:.2f}, objects present {objs}, motion "
                  f"{'coherent' if c['coherent'] else 'incoherent'}")
-  outs = ', '.join(['result.json', *r.get('videos', [])])
+  outs = ', '.join(['result.json', *r.get('videos', []), *(['frames.png'] if r.get('world') else [])])
   lines.append(f"  wrote       {r['outdir']}/ ({outs})")
   return '\n'.join(lines)
 

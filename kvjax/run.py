@@ -429,36 +429,38 @@ def generate(s: RunSettings, *, progress: bool = True, save_inputs: bool = False
       compute_dtype=s.model_cfg.compute_dtype, config_full=s.config)
   if ref is not None:
     result.update(metrics.latent_fidelity(latents, ref))
-  video = strip = None
-  frame_curves = {}                          # per-frame video metrics (one frame per latent)
   if s.prompts:
     result.update(prompts=s.prompts, **(text_info or {}))
-  if s.world is not None:                    # the exact space-to-depth codec
+  # Decoded videos [B, T, H, W, 3] of the method and the reference: the world's exact codec (one
+  # frame per latent frame) or the Wan VAE (one stream each; 4 frames per later latent frame).
+  video = ref_video = strip = None
+  bf, per_latent, onset = s.sampler_cfg.block_frames, 1, s.sampler_cfg.block_frames
+  if s.world is not None:
     video = codec.decode(latents)
+    ref_video = codec.decode(ref) if ref is not None else None
     result.update(world=s.world.path, codec=f'space-to-depth x{codec.FACTOR} (exact)')
-    frames = video_io.to_uint8(video)
-    strip = list(frames)                     # frames.png: each video, the reference's under it
-    if ref is not None:
-      ref_frames = video_io.to_uint8(codec.decode(ref))
-      scores, frame_curves = metrics.video_fidelity(
-          frames, ref_frames, onset_frames=s.sampler_cfg.block_frames,
-          window=s.spec.window_frames)
-      result.update(scores)
-      strip = [r for pair in zip(frames, ref_frames) for r in pair]
-    if s.prompts:                            # the world's ground truth: does the video match?
-      result['world_checks'] = [checks.evaluate(f, scene.parse(p))
-                                for f, p in zip(frames, s.prompts)]
-  if s.wan_dir is not None:                  # decoded block by block through one VAE stream
-    video, ref_video, video_info = wan_io.decode_latents(
-        s.wan_dir, latents, block_frames=s.sampler_cfg.block_frames, reference=ref)
+  if s.wan_dir is not None:
+    video, ref_video, video_info = wan_io.decode_latents(s.wan_dir, latents, block_frames=bf,
+                                                         reference=ref)
     result.update(wan_dir=s.wan_dir.path, **video_info)
-    if ref_video is not None:                # the same metrics on the VAE's frames (their own
-      win = s.spec.window_frames             # frame count: no per-latent-frame curve columns)
-      scores, _ = metrics.video_fidelity(
-          video_io.to_uint8(video), video_io.to_uint8(ref_video),
-          onset_frames=video_info['first_block_frames'],
-          window=win * video_info['frames_per_latent'] if win > 0 else -1)
+    per_latent, onset = video_info['frames_per_latent'], video_info['first_block_frames']
+  frame_curves = {}
+  if video is not None:
+    frames = video_io.to_uint8(video)
+    ref_frames = video_io.to_uint8(ref_video) if ref_video is not None else None
+    if ref_frames is not None:
+      win = s.spec.window_frames
+      scores, per_frame = metrics.video_fidelity(
+          frames, ref_frames, onset_frames=onset, window=win * per_latent if win > 0 else -1)
       result.update(scores)
+      if per_latent == 1:                    # curves.csv rows are latent frames
+        frame_curves = per_frame
+    if s.world is not None:                  # frames.png: each video, the reference's under it
+      strip = list(frames) if ref_frames is None else [
+          r for pair in zip(frames, ref_frames) for r in pair]
+      if s.prompts:                          # the world's ground truth: does the video match?
+        result['world_checks'] = [checks.evaluate(f, scene.parse(p))
+                                  for f, p in zip(frames, s.prompts)]
   curves = {**metrics.per_frame_curves(latents, ref), **frame_curves}
   artifacts = s.method.artifacts(cache)
   inputs = None
