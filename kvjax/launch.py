@@ -231,8 +231,8 @@ def summary(r: dict, weights: str) -> str:
     lines.append(f"  world check {'passed' if c['passed'] else 'FAILED'}: background "
                  f"{c['background']:.2f}, objects present {objs}, motion "
                  f"{'coherent' if c['coherent'] else 'incoherent'}")
-  outs = ', '.join(['result.json', *r.get('videos', []), *(['frames.png'] if r.get('world') else [])])
-  lines.append(f"  wrote       {r['outdir']}/ ({outs})")
+  outs = ['result.json', *r.get('videos', []), *(['frames.png'] if r.get('world') else [])]
+  lines.append(f"  wrote       {r['outdir']}/ ({', '.join(outs)})")
   return '\n'.join(lines)
 
 
