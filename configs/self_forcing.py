@@ -19,21 +19,17 @@ Run:
   python -m kvjax.launch --method=bf16 --config=configs/self_forcing.py:tiny
   python -m launch.train_tiny                            # retrains the world model (<= 20 min)
   python -m kvjax.launch --method=bf16 --config=configs/self_forcing.py:wan2.1_t2v_1.3b --plan
-Any field can be overridden on the command line, e.g. ``--config.model.num_layers=4``.
+The config describes the whole run: model, sampler, video, cache window, method, reference and
+inputs. Any field can be overridden on the command line, e.g. ``--config.method=kivi_int2``,
+``--config.cache.window_frames=6``; the launcher's short flags (``--method``, ``--seed``,
+``--num_latent_frames``, ...) set the same fields (``kvjax.runconfig.FLAG_FIELDS``).
 """
 
 import ml_collections
 
+from kvjax import references
+from kvjax.model import sizes
 from kvjax.world import bundle
-
-_MODELS = {
-    'world': dict(dim=96, ffn_dim=384, num_heads=3, num_layers=4, text_len=16, text_dim=32,
-                  in_dim=12, out_dim=12),
-    'tiny': dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_len=16, text_dim=32),
-    'mid': dict(dim=256, ffn_dim=1024, num_heads=4, num_layers=4, text_len=64, text_dim=256),
-    'wan2.1_t2v_1.3b': dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, text_len=512,
-                            text_dim=4096),
-}
 
 # (num_latent_frames, latent_height, latent_width, window_frames, sink_frames)
 _VIDEOS = {
@@ -60,10 +56,27 @@ def get_config(arg: str = DEFAULT_VARIANT) -> ml_collections.ConfigDict:
   full = model_name == 'wan2.1_t2v_1.3b'
   c = ml_collections.ConfigDict()
   c.name = arg
-  c.seed = 0
+  c.seed = 0           # the noise seed (and of random text states)
+  c.weight_seed = 0    # random weights (no checkpoint, no world model)
+
+  # What to run and against what (the launcher's --method, --impl, ... set these fields).
+  c.method = 'bf16'               # a cache method or alias (python -m kvjax.launch --list_methods)
+  c.method_args = ''              # method parameter overrides 'key=value,...'
+  c.impl = 'auto'                 # attention: auto (pallas on GPU, xla elsewhere) | xla | pallas
+  c.reference = 'bf16'            # fidelity reference: bf16 | torch | none
+  c.reference_dir = references.DEFAULT_DIR   # BF16 references stored and reused; '' = never
+  # Inputs ('' = none): a converted DiT checkpoint, the Wan folder (umT5 + VAE), prompts, or
+  # the exact inputs of an earlier run (--save_inputs).
+  c.checkpoint = ''
+  c.wan_dir = ''
+  c.prompt = ''
+  c.prompts_file = ''
+  c.noise_file = ''
+  c.text_states = ''
+  c.free_text_encoder = True      # drop the text encoder from device memory before the DiT runs
 
   c.model = ml_collections.ConfigDict(dict(
-      **{'in_dim': 16, 'out_dim': 16, **_MODELS[model_name]},
+      **sizes.get(model_name),
       freq_dim=256,
       patch_size=(1, 2, 2),
       eps=1e-6,
@@ -83,6 +96,7 @@ def get_config(arg: str = DEFAULT_VARIANT) -> ml_collections.ConfigDict:
   ))
 
   frames, height, width, window, sink = _VIDEOS[arg]
+  # num_latent_frames -1: the noise file's (noise_file fixes the latent shape).
   c.video = ml_collections.ConfigDict(dict(
       batch_size=1, num_latent_frames=frames, latent_height=height, latent_width=width))
   # window_frames: latent frames of K/V visible to a block, its own included (Self-Forcing's

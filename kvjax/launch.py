@@ -26,64 +26,28 @@ import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 import configs
+from kvjax import cli
 from kvjax import interrupts
-from kvjax import references
+from kvjax import runconfig
 
 # No variant: get_config() picks the default (configs.self_forcing.DEFAULT_VARIANT, the world).
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), 'self_forcing.py')
-EXIT_USAGE = 2
+_error = cli.error
+cli.define_config(_DEFAULT_CONFIG, 'Config file and variant (path:variant).')
 
-
-def _error(msg) -> int:
-  """One line on stderr (``msg`` with its lines joined, at most 400 characters), exit status 2.
-  A message that embeds a traceback (ml_collections' config errors) keeps its head and the
-  exception's own last line."""
-  lines = [x.strip() for x in str(msg).splitlines() if x.strip()]
-  if any(x.startswith('Traceback (most recent call last)') for x in lines):
-    lines = [lines[0].split('Traceback')[0], lines[-1]]
-  text = ' '.join(' '.join(lines).split()) or type(msg).__name__
-  print(f'error: {text[:400]}', file=sys.stderr, flush=True)
-  return EXIT_USAGE
-
-
-try:  # ml_collections applies sys.argv's --config.* overrides when the flag is defined
-  config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG,
-                                  'Config file and variant (path:variant).', lock_config=True)
-except Exception as e:
-  _overrides = [a.split('=')[0] for a in sys.argv[1:] if a.startswith('--config.')]
-  sys.exit(_error(f"--config: cannot apply {', '.join(_overrides) or 'the overrides'} "
-                  f'({type(e).__name__}: {e})'))
-
-flags.DEFINE_string('method', 'bf16', 'Cache method name or alias (see --list_methods).')
-flags.DEFINE_string('method_args', None, "Method parameter overrides 'key=value,...' "
-                    '(e.g. clamp_zero_point=false); see --list_methods.')
-flags.DEFINE_string('checkpoint', None, 'Converted DiT checkpoint directory (ports.convert).')
-flags.DEFINE_integer('seed', None, 'Noise seed (default: config.seed).')
-flags.DEFINE_integer('num_latent_frames', None, 'Latent frames to generate (multiple of the block).')
+# The run's short flags: each sets one config field (kvjax.runconfig.FLAG_FIELDS) and defaults to
+# "not given", so the config file holds every default.
+_DEFINE = {'string': flags.DEFINE_string, 'integer': flags.DEFINE_integer,
+           'bool': flags.DEFINE_bool}
+for _name, _field in runconfig.FLAG_FIELDS.items():
+  _help = f'{_field.help} Sets config.{_field.path}.'
+  if _field.kind == 'enum':
+    flags.DEFINE_enum(_name, None, list(_field.values), _help)
+  else:
+    _DEFINE[_field.kind](_name, None, _help)
 flags.DEFINE_string('outdir', None, 'Result directory (must not exist or be empty).')
-flags.DEFINE_enum('impl', 'auto', ['auto', 'xla', 'pallas'], 'Attention implementation.')
-flags.DEFINE_enum('reference', 'bf16', ['bf16', 'torch', 'none'],
-                  'Reference rollout for fidelity metrics (same noise).')
-flags.DEFINE_string('reference_dir', references.DEFAULT_DIR,
-                    'Where BF16 references are stored and reused across runs (keyed by every '
-                    'input of the rollout); empty: always roll the reference out.')
-flags.DEFINE_string('noise_file', None, '.npz with initial [B,F,C,h,w] and renoise '
-                    '[blocks, steps-1, B, block_frames, C, h, w]; fixes the latent shape.')
-flags.DEFINE_string('text_states', None, '.npy [B, L, text_dim] replacing the text encoder.')
-flags.DEFINE_enum('compute_dtype', None, ['float32', 'bfloat16'], 'Override the compute dtype.')
-flags.DEFINE_integer('window_frames', None, 'Frames of K/V visible to a block, its own included '
-                     '(-1 = all).')
-flags.DEFINE_integer('sink_frames', None, 'First frames never evicted from the cache.')
-flags.DEFINE_string('wan_dir', None, 'Wan2.1 folder (original, diffusers or converted): the umT5 '
-                    'text encoder, its tokenizer and the VAE; writes video.mp4 beside result.json.')
-flags.DEFINE_string('prompt', None, 'Text prompt (the world model\'s grammar, or a Wan '
-                    'prompt with --wan_dir).')
-flags.DEFINE_string('prompts_file', None, 'File with one prompt per line, run as a batch.')
-flags.DEFINE_bool('free_text_encoder', True, 'Delete the text encoder from device memory before '
-                  'the DiT runs.')
 flags.DEFINE_bool('list_methods', False, 'List the cache methods and exit.')
 flags.DEFINE_bool('plan', False, 'Print sizes and compiled memory (abstract shapes only) and exit.')
 flags.DEFINE_bool('progress', True, 'Show a progress bar.')
@@ -112,8 +76,8 @@ def list_methods() -> str:
   return '\n'.join(out)
 
 
-HELP_FLAGS = ('-h', '--help', '-help', '-?', '--helpshort', '--helpfull')
-INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotImplementedError)
+INPUT_ERRORS = cli.INPUT_ERRORS
+parse_flags = cli.parse_flags
 
 
 def _interrupted() -> None:
@@ -125,19 +89,6 @@ def _interrupted() -> None:
   interrupts.exit_interrupted()
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing with the launcher's contract: --help prints the usage and exits 0; a bad
-  flag, config file, config variant or override is one ``error:`` line and exit status 2."""
-  if any(a in HELP_FLAGS for a in argv[1:]):
-    app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(_error(e))
-  except Exception as e:   # whatever loading the --config file raises
-    sys.exit(_error(f'--config: {type(e).__name__}: {e}'))
-
-
 def main(argv):
   if len(argv) > 1:
     return _error(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -146,21 +97,14 @@ def main(argv):
     print(list_methods())
     return 0
   from kvjax import run
+  config, problem = cli.load_config(FLAGS.config)   # loaded (and overridden) on first use
+  if problem:
+    return _error(problem)
   try:
-    config = FLAGS.config   # the config file is loaded (and overridden) on first use
-    config.to_dict()
-  except Exception as e:
-    return _error(f'--config: {type(e).__name__}: {e}')
-  try:
-    settings = run.resolve(
-        config, method=FLAGS.method, checkpoint=FLAGS.checkpoint, seed=FLAGS.seed,
-        num_latent_frames=FLAGS.num_latent_frames, impl=FLAGS.impl, reference=FLAGS.reference,
-        noise_file=FLAGS.noise_file, text_states=FLAGS.text_states,
-        compute_dtype=FLAGS.compute_dtype, window_frames=FLAGS.window_frames,
-        sink_frames=FLAGS.sink_frames, outdir=None if FLAGS.plan else FLAGS.outdir,
-        method_args=FLAGS.method_args, wan_dir=FLAGS.wan_dir, prompt=FLAGS.prompt,
-        prompts_file=FLAGS.prompts_file, free_text_encoder=FLAGS.free_text_encoder,
-        reference_dir=None if FLAGS.plan else FLAGS.reference_dir)
+    config = runconfig.override(config, **{k: FLAGS[k].value for k in runconfig.FLAG_FIELDS})
+    if FLAGS.plan:            # abstract shapes only: no reference is rolled out or stored
+      config.reference_dir = ''
+    settings = run.resolve(config, outdir=None if FLAGS.plan else FLAGS.outdir)
   except INPUT_ERRORS as e:
     return _error(e)
   if FLAGS.plan:
@@ -209,8 +153,9 @@ def summary(r: dict, weights: str) -> str:
                f" BF16: {r['compression_ratio']:.2f}x smaller"
                + (f" (study's accounting {study:.2f}x)" if study is not None else ''))
   timing = f"  time        rollout {r['runtime_s']:.2f} s"
-  if ref.get('kind') == 'bf16' and ref.get('runtime_s'):
-    timing += f" vs BF16 {ref['runtime_s']:.2f} s: {r['runtime_s'] / ref['runtime_s']:.2f}x"
+  if ref.get('runtime_s'):
+    peer = 'BF16' if ref.get('kind') == 'bf16' else 'PyTorch ' + ref.get('dtype', '')
+    timing += f" vs {peer} {ref['runtime_s']:.2f} s: {r['runtime_s'] / ref['runtime_s']:.2f}x"
   lines.append(timing + f" (compile {r['compile_s']:.1f} s, not counted)")
   if 'latent_psnr' in r:
     kind = ref.get('kind', '?') + (' (stored, reused)' if ref.get('stored') else '')

@@ -1,10 +1,18 @@
 """PyTorch reference: diffusers' WanTransformer3DModel driven as a block-causal recompute.
 
-diffusers 0.42.1 has no KV cache and always starts RoPE at frame 0, so the reference recomputes
-the whole prefix at every call with a frame mask injected through a custom attention processor,
-and expands per-frame timesteps to per-token [B, L] timesteps (the Wan2.2 TI2V path). It checks
-the kvjax cache, RoPE offsets and sampler independently of kvjax's own code. Requires the
-``torch`` extra (torch, diffusers).
+diffusers 0.42.1 has no KV cache and always starts RoPE at frame 0, so ``recompute_rollout``
+recomputes the whole prefix at every call with a frame mask injected through a custom attention
+processor, and expands per-frame timesteps to per-token [B, L] timesteps (the Wan2.2 TI2V path).
+It checks the kvjax cache, RoPE offsets and sampler independently of kvjax's own code (float32).
+The same model driven block by block with a per-layer KV cache, in float32 or bfloat16, is
+``kvjax.reference_torch_cache.cached_rollout``.
+
+``build_diffusers(dtype='bfloat16')`` casts the loaded weights as diffusers'
+``from_pretrained(torch_dtype=torch.bfloat16)`` does: every parameter to bfloat16 except those of
+the modules named in ``WanTransformer3DModel._keep_in_fp32_modules`` (time embedder, modulation
+tables, norms), which stay float32, as do the RoPE tables (buffers, float32 here: the model is
+built in float32). ``model.to(bf16)`` would cast those too (diffusers warns against it).
+Requires the ``torch`` extra (torch, diffusers).
 """
 
 from __future__ import annotations
@@ -37,16 +45,31 @@ def diffusers_config(cfg: WanConfig) -> dict:
               eps=cfg.eps, rope_max_seq_len=cfg.rope_max_frames)
 
 
-def build_diffusers(cfg: WanConfig, params: Mapping | None = None, seed: int = 0):
-  """A float32 diffusers WanTransformer3DModel; with ``params`` (nested kvjax params) loaded."""
+DTYPES = ('float32', 'bfloat16')
+
+
+def build_diffusers(cfg: WanConfig, params: Mapping | None = None, seed: int = 0,
+                    dtype: str = 'float32'):
+  """A diffusers WanTransformer3DModel; with ``params`` (nested kvjax params) loaded.
+
+  Weights are loaded in float32, then, for ``dtype='bfloat16'``, cast as ``from_pretrained``
+  casts them (see the module docstring): bfloat16 but for the float32-kept modules.
+  """
   torch = _torch()
   from diffusers import WanTransformer3DModel
+  if dtype not in DTYPES:
+    raise ValueError(f'unsupported torch reference dtype {dtype!r}; valid: {list(DTYPES)}')
   torch.manual_seed(seed)
   model = WanTransformer3DModel(**diffusers_config(cfg)).float().eval()
   if params is not None:
     sd = dit_port.original_to_diffusers(dit_port.params_to_original(params))
     sd = {k: torch.from_numpy(np.array(v, np.float32, copy=True)) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True)
+  if dtype == 'bfloat16':
+    keep = WanTransformer3DModel._keep_in_fp32_modules
+    for name, p in model.named_parameters():
+      if not any(m in name.split('.') for m in keep):
+        p.data = p.data.to(torch.bfloat16)
   return model
 
 

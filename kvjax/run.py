@@ -27,6 +27,7 @@ from kvjax import checkpoint as ckpt
 from kvjax import kernels
 from kvjax import metrics
 from kvjax import references
+from kvjax import runconfig
 from kvjax import video as video_io
 from kvjax import wan_dir as wan_io
 from kvjax.cache import accounting
@@ -119,23 +120,33 @@ def _check_outdir(outdir: str | None) -> None:
                           f'({e.strerror})') from None
 
 
-def resolve(config: ml_collections.ConfigDict, *, method: str = 'bf16',
-            checkpoint: str | None = None, seed: int | None = None,
-            num_latent_frames: int | None = None, impl: str = 'auto', reference: str = 'bf16',
-            noise_file: str | None = None, text_states: str | None = None,
-            compute_dtype: str | None = None, window_frames: int | None = None,
-            sink_frames: int | None = None, outdir: str | None = None,
-            method_args: str | None = None, wan_dir: str | None = None,
-            prompt: str | None = None, prompts_file: str | None = None,
-            free_text_encoder: bool = True, reference_dir: str | None = None) -> RunSettings:
-  """Validates every input and returns the run to execute; raises ValueError/FileNotFoundError.
+RUN_FIELDS = ('seed', 'weight_seed', 'method', 'method_args', 'impl', 'reference',
+              'reference_dir', 'checkpoint', 'wan_dir', 'prompt', 'prompts_file', 'noise_file',
+              'text_states', 'free_text_encoder')
+"""Top-level fields every run config has (configs/self_forcing.py), besides model, sampler,
+video and cache."""
 
-  ``reference_dir``: store the BF16 reference there and reuse a stored one of the same inputs
-  (``kvjax.references``; the launcher's default is ``references.DEFAULT_DIR``); None: roll it out.
 
-  ``method_args`` overrides method parameters: 'key=value,key=value' (see --list_methods).
+def resolve(config: ml_collections.ConfigDict, outdir: str | None = None) -> RunSettings:
+  """Validates the run ``config`` describes and returns it; raises ValueError/FileNotFoundError.
+
+  ``config``: a run config (``configs/self_forcing.py``; the launcher's flags are overrides of
+  its fields, ``kvjax.runconfig``). Empty strings mean "none" for the input paths, the prompt and
+  ``reference_dir`` (then the BF16 reference is always rolled out, never stored).
+  ``outdir``: the result folder ``generate`` will write (must be new or empty; None: a stamped
+  folder under runs/).
   """
-  m = kvcache.get(method, **kvcache.parse_overrides(method, method_args))
+  missing = [f for f in RUN_FIELDS if f not in config]
+  if missing:
+    raise ValueError(f'config {config.get("name", "?")} lacks the run field(s) {missing} '
+                     '(configs/self_forcing.py defines every run field)')
+  opt = lambda name: str(config[name]) or None   # '' = none
+  method, impl, reference = str(config.method), str(config.impl), str(config.reference)
+  checkpoint, wan_dir, noise_file = opt('checkpoint'), opt('wan_dir'), opt('noise_file')
+  text_states, reference_dir = opt('text_states'), opt('reference_dir')
+  prompt, prompts_file = opt('prompt'), opt('prompts_file')
+  free_text_encoder = bool(config.free_text_encoder)
+  m = kvcache.get(method, **kvcache.parse_overrides(method, opt('method_args')))
   if impl not in kernels.IMPLS:
     raise ValueError(f'unknown --impl {impl!r}; valid: {list(kernels.IMPLS)}')
   if reference not in REFERENCES:
@@ -148,7 +159,7 @@ def resolve(config: ml_collections.ConfigDict, *, method: str = 'bf16',
       raise ValueError('--reference=torch needs torch and diffusers: pip install -e ".[torch]"')
 
   config = ml_collections.ConfigDict(config.to_dict())
-  seed = int(config.seed if seed is None else seed)
+  seed = int(config.seed)
   if not 0 <= seed <= MAX_SEED:
     raise ValueError(f'--seed must be in [0, {MAX_SEED}] (got {seed})')
   config.seed = seed
@@ -166,10 +177,9 @@ def resolve(config: ml_collections.ConfigDict, *, method: str = 'bf16',
     model_cfg = model_cfg.replace(compute_dtype=config.model.compute_dtype)
   else:
     model_cfg = WanConfig.from_dict(config.model)
-  if compute_dtype is not None:
-    if compute_dtype not in ('float32', 'bfloat16'):
-      raise ValueError(f'--compute_dtype must be float32 or bfloat16 (got {compute_dtype!r})')
-    model_cfg = model_cfg.replace(compute_dtype=compute_dtype)
+  if model_cfg.compute_dtype not in ('float32', 'bfloat16'):
+    raise ValueError(f'--compute_dtype (config.model.compute_dtype) must be float32 or bfloat16 '
+                     f'(got {model_cfg.compute_dtype!r})')
   if model_cfg.compute_dtype == 'float32' and model_cfg.param_dtype == 'bfloat16' and not checkpoint:
     model_cfg = model_cfg.replace(param_dtype='float32')
   sampler_cfg = SamplerConfig.from_dict(config.sampler)
@@ -179,14 +189,14 @@ def resolve(config: ml_collections.ConfigDict, *, method: str = 'bf16',
   frames = int(config.video.num_latent_frames)
   height, width = int(config.video.latent_height), int(config.video.latent_width)
   noise = None
-  if noise_file is not None:
+  if noise_file is not None:          # the noise file fixes the latent shape
     noise = load_noise(noise_file, sampler_cfg, model_cfg.in_dim)
-    batch, frames, _, height, width = noise.initial.shape
-    if num_latent_frames is not None and num_latent_frames != frames:
-      raise ValueError(f'--num_latent_frames={num_latent_frames} contradicts the noise file '
-                       f'({frames} frames)')
-  elif num_latent_frames is not None:
-    frames = int(num_latent_frames)
+    asked, (batch, frames, _, height, width) = frames, noise.initial.shape
+    if asked not in (runconfig.FROM_NOISE_FILE, frames):
+      raise ValueError(f'--num_latent_frames={asked} contradicts the noise file ({frames} '
+                       f'frames); give {frames} or {runconfig.FROM_NOISE_FILE} (the file\'s)')
+  elif frames == runconfig.FROM_NOISE_FILE:
+    raise ValueError(f'num_latent_frames={frames} (the noise file\'s) needs a noise file')
   if frames < bf or frames % bf:
     raise ValueError(f'num_latent_frames={frames} is not a positive multiple of the block '
                      f'({bf} latent frames)')
@@ -226,8 +236,7 @@ def resolve(config: ml_collections.ConfigDict, *, method: str = 'bf16',
     if texts.shape[0] != batch:
       raise ValueError(f'text states batch {texts.shape[0]} != latent batch {batch}')
 
-  window = int(config.cache.window_frames if window_frames is None else window_frames)
-  sink = int(config.cache.sink_frames if sink_frames is None else sink_frames)
+  window, sink = int(config.cache.window_frames), int(config.cache.sink_frames)
   if window == -1:
     window = frames
   if window < 1:
@@ -248,13 +257,13 @@ def resolve(config: ml_collections.ConfigDict, *, method: str = 'bf16',
   config.cache.window_frames, config.cache.sink_frames = window, sink
   config.model = ml_collections.ConfigDict(model_cfg.to_dict())
   _check_outdir(outdir)
-  if reference_dir and reference == 'bf16' and not m.is_reference:
+  if reference_dir and reference == 'bf16':
     references.check_dir(reference_dir)
   return RunSettings(
       config_name=str(config.get('name', '?')), config=config.to_dict(), model_cfg=model_cfg,
       sampler_cfg=sampler_cfg, method=m, spec=spec, batch=batch, frames=frames, height=height,
       width=width, seed=seed,
-      weight_seed=int(config.get('weight_seed', 0)), impl=impl, reference=reference,
+      weight_seed=int(config.weight_seed), impl=impl, reference=reference,
       checkpoint=checkpoint, noise=noise, text_states=texts, outdir=outdir,
       wan_dir=wd, prompts=prompts, free_text_encoder=free_text_encoder, world=world,
       reference_dir=reference_dir or None)
@@ -322,17 +331,23 @@ def _rollout(s: RunSettings, method: CacheMethod, params, noise, texts, graphdef
   return sf.rollout(params, noise, texts, on_block=cb)
 
 
+def _reference_key(s: RunSettings, params, noise, texts) -> tuple[str | None, dict | None]:
+  """(key, fields) of the run's BF16 reference in ``s.reference_dir``; (None, None) without one."""
+  if not s.reference_dir:
+    return None, None
+  fields = dict(model=s.model_cfg.to_dict(), sampler=s.sampler_cfg.to_dict(), batch=s.batch,
+                frames=s.frames, height=s.height, width=s.width,
+                window_frames=s.spec.window_frames, sink_frames=s.spec.sink_frames,
+                impl=kernels.resolve_impl(s.impl), backend=jax.default_backend(),
+                device_kind=jax.devices()[0].device_kind)
+  return references.key_of(fields, params, (noise.initial, noise.renoise), texts), fields
+
+
 def _bf16_reference(s: RunSettings, params, noise, texts, gdef, bar):
   """(latents [B, F, C, h, w], info) of the BF16 rollout on the run's inputs: the stored one when
   ``s.reference_dir`` holds an intact entry of the same inputs, else rolled out (and stored)."""
-  key = fields = None
-  if s.reference_dir:
-    fields = dict(model=s.model_cfg.to_dict(), sampler=s.sampler_cfg.to_dict(), batch=s.batch,
-                  frames=s.frames, height=s.height, width=s.width,
-                  window_frames=s.spec.window_frames, sink_frames=s.spec.sink_frames,
-                  impl=kernels.resolve_impl(s.impl), backend=jax.default_backend(),
-                  device_kind=jax.devices()[0].device_kind)
-    key = references.key_of(fields, params, (noise.initial, noise.renoise), texts)
+  key, fields = _reference_key(s, params, noise, texts)
+  if key is not None:
     shape = (s.batch, s.frames, s.model_cfg.out_dim, s.height, s.width)
     hit = references.load(s.reference_dir, key, shape)
     if hit is not None:
@@ -344,6 +359,25 @@ def _bf16_reference(s: RunSettings, params, noise, texts, gdef, bar):
     references.store(s.reference_dir, key, ref, dict(info, **fields), partial=PARTIAL)
     info.update(stored=False, key=key)
   return ref, info
+
+
+_BF16_PARAMS = kvcache.BF16().params()
+
+
+def _torch_reference(s: RunSettings, params, noise, texts):
+  """(latents, info) of the PyTorch peer: diffusers' Wan modules with a KV cache, block by block,
+  in the run's compute dtype (``kvjax.reference_torch_cache``)."""
+  # The torch extra is optional: imported only when asked for (resolve checked it is installed).
+  from kvjax import reference_torch, reference_torch_cache
+  t0 = time.perf_counter()
+  model = reference_torch.build_diffusers(s.model_cfg, ckpt.to_nested(params),
+                                          dtype=s.model_cfg.compute_dtype)
+  build_s = time.perf_counter() - t0
+  ref, info = reference_torch_cache.cached_rollout(model, noise, texts, s.sampler_cfg,
+                                                   s.spec.window_frames, s.spec.sink_frames)
+  return ref, dict(kind='torch', runtime_s=info['runtime_s'], build_s=build_s,
+                   dtype=s.model_cfg.compute_dtype, dit_calls=info['dit_calls'],
+                   note='diffusers WanTransformer3DModel driven block by block with a KV cache')
 
 
 def _peak_memory() -> int | None:
@@ -395,17 +429,20 @@ def generate(s: RunSettings, *, progress: bool = True, save_inputs: bool = False
     if not np.all(np.isfinite(latents)):
       raise FloatingPointError(f'{s.method.name}: the rollout produced NaN/Inf latents')
     peak = _peak_memory()
+    own_key = None
+    if s.method.is_reference and s.method.params() == _BF16_PARAMS and s.reference == 'bf16':
+      # The BF16 method's rollout is the reference itself: stored for the other methods.
+      own_key, fields = _reference_key(s, params, noise, texts)
+      key = own_key
+      if key is not None and references.load(s.reference_dir, key, latents.shape) is None:
+        references.store(s.reference_dir, key, latents,
+                         dict(kind='bf16', runtime_s=stats.runtime_s, compile_s=stats.compile_s,
+                              **fields), partial=PARTIAL)
     ref, ref_info = None, None
     if s.reference == 'bf16' and not s.method.is_reference:
       ref, ref_info = _bf16_reference(s, params, noise, texts, gdef, bar)
     elif s.reference == 'torch':
-      from kvjax import reference_torch
-      t0 = time.perf_counter()
-      tm = reference_torch.build_diffusers(s.model_cfg, ckpt.to_nested(params))
-      ref = reference_torch.recompute_rollout(tm, noise, texts, s.sampler_cfg,
-                                              s.spec.window_frames, s.spec.sink_frames)
-      ref_info = dict(kind='torch', runtime_s=time.perf_counter() - t0,
-                      note='diffusers WanTransformer3DModel, float32, block-causal recompute')
+      ref, ref_info = _torch_reference(s, params, noise, texts)
 
   kv = s.method.nbytes(cache)
   impl, cdtype = kernels.resolve_impl(s.impl), jnp.dtype(s.model_cfg.compute_dtype)
@@ -427,6 +464,8 @@ def generate(s: RunSettings, *, progress: bool = True, save_inputs: bool = False
       device=str(jax.devices()[0]), jax_version=jax.__version__, reference=ref_info,
       window_frames=s.spec.window_frames, sink_frames=s.spec.sink_frames,
       compute_dtype=s.model_cfg.compute_dtype, config_full=s.config)
+  if own_key is not None:
+    result['stored_reference'] = own_key
   if ref is not None:
     result.update(metrics.latent_fidelity(latents, ref))
   if s.prompts:

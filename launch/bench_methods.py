@@ -42,6 +42,7 @@ from kvjax import cache as kvcache  # noqa: E402
 from kvjax import checkpoint as ckpt  # noqa: E402
 from kvjax import kernels  # noqa: E402
 from kvjax import run  # noqa: E402
+from kvjax import runconfig  # noqa: E402
 from kvjax.cache import accounting  # noqa: E402
 from kvjax.sampler import SelfForcing  # noqa: E402
 
@@ -52,8 +53,8 @@ def prepare(config_name: str, method: str, params_cache: dict, impl: str = 'xla'
             method_args: str | None = None):
   """Compiled step functions of ``method`` (attention ``impl``, parameter overrides
   ``method_args``) and a cache filled up to the last block."""
-  s = run.resolve(get_config(config_name), method=method, reference='none',
-                  method_args=method_args)
+  s = run.resolve(runconfig.override(get_config(config_name), method=method, reference='none',
+                                     method_args=method_args))
   cfg = s.model_cfg
   if config_name not in params_cache:
     params_cache[config_name] = ckpt.init_params(cfg, 0)
@@ -141,7 +142,8 @@ def _fmt_ratio(r: float | None) -> str:
 
 
 def plan_method(method: str, config_name: str, method_args: str | None = None) -> dict:
-  s = run.resolve(get_config(config_name), method=method, method_args=method_args)
+  s = run.resolve(runconfig.override(get_config(config_name), method=method,
+                                     method_args=method_args))
   p = run.plan(s)
   out = dict(kv_bytes=p['kv_cache_bytes'], bf16_bytes=p['bf16_kv_cache_bytes'],
              ratio=p['compression_ratio'], study_ratio=accounting.study_ratio(s.method, s.spec))

@@ -46,6 +46,7 @@ from configs.self_forcing import get_config  # noqa: E402
 from kvjax import cache as kvcache  # noqa: E402
 from kvjax import checkpoint as ckpt  # noqa: E402
 from kvjax import run  # noqa: E402
+from kvjax import runconfig  # noqa: E402
 from kvjax.cache.ring import ring_frame  # noqa: E402
 from kvjax.kernels import rope  # noqa: E402
 from launch import bench_methods  # noqa: E402
@@ -68,8 +69,8 @@ ROWS = (
 def fidelity(config: str, method: str, args: str | None) -> dict:
   """One rollout against BF16: result.json's fields plus the first-history-block PSNR."""
   with tempfile.TemporaryDirectory() as tmp:
-    s = run.resolve(get_config(config), method=method, method_args=args,
-                    outdir=os.path.join(tmp, 'run'))
+    s = run.resolve(runconfig.override(get_config(config), method=method,
+                                       method_args=args), outdir=os.path.join(tmp, 'run'))
     res = run.generate(s, progress=False)
     with open(os.path.join(tmp, 'run', 'curves.csv')) as f:
       rows = list(csv.DictReader(f))
@@ -87,7 +88,7 @@ def fidelity(config: str, method: str, args: str | None) -> dict:
 def rope_reconstruction(config: str, centroids: int, bits: int = 2) -> dict:
   """Relative L2 reconstruction error of the keys of a BF16 rollout, QVG-encoded per block
   before RoPE (decoded, then rotated) or after RoPE (module docstring)."""
-  s = run.resolve(get_config(config), method='BF16', reference='none')
+  s = run.resolve(runconfig.override(get_config(config), method='BF16', reference='none'))
   gdef = ckpt.graphdef(s.model_cfg)
   params = ckpt.init_params(s.model_cfg, 0)
   noise = run.make_noise(s.seed, s.batch, s.frames, s.model_cfg.in_dim, s.height, s.width,

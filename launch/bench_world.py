@@ -68,6 +68,7 @@ from kvjax import cache as kvcache  # noqa: E402
 from kvjax import checkpoint as ckpt  # noqa: E402
 from kvjax import metrics  # noqa: E402
 from kvjax import run  # noqa: E402
+from kvjax import runconfig  # noqa: E402
 from kvjax import video as video_io  # noqa: E402
 from kvjax.cache import accounting  # noqa: E402
 from kvjax.sampler import SelfForcing, make_noise  # noqa: E402
@@ -279,8 +280,9 @@ def main(argv=None) -> dict:
     with open(prompts_file, 'w') as f:
       f.write('\n'.join(PROMPTS) + '\n')
     try:                                       # every method's errors before any work
-      settings = {m: run.resolve(config, method=m, seed=args.seed, num_latent_frames=args.frames,
-                                 impl=args.impl, reference='none', prompts_file=prompts_file)
+      settings = {m: run.resolve(runconfig.override(config, method=m, seed=args.seed,
+                                                    num_latent_frames=args.frames, impl=args.impl,
+                                                    reference='none', prompts_file=prompts_file))
                   for m in methods}
     except (ValueError, FileNotFoundError) as e:
       ap.error(str(e))

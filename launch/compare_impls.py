@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs.self_forcing import get_config  # noqa: E402
 from kvjax import cache as kvcache  # noqa: E402
 from kvjax import run  # noqa: E402
+from kvjax import runconfig  # noqa: E402
 
 
 def compare(method: str, args, workdir: str) -> dict:
@@ -36,9 +37,10 @@ def compare(method: str, args, workdir: str) -> dict:
     cfg = get_config(args.config)
     cfg.model.num_heads = args.num_heads
     out = os.path.join(workdir, f'{method}_{impl}')
-    s = run.resolve(cfg, method=method, impl=impl, reference='none', outdir=out,
-                    num_latent_frames=args.frames, window_frames=args.window,
-                    sink_frames=args.sink, compute_dtype=args.compute_dtype)
+    s = run.resolve(runconfig.override(cfg, method=method, impl=impl, reference='none',
+                                       num_latent_frames=args.frames, window_frames=args.window,
+                                       sink_frames=args.sink,
+                                       compute_dtype=args.compute_dtype), outdir=out)
     res = run.generate(s, progress=False)
     bf = s.sampler_cfg.block_frames
     lat[impl] = np.load(os.path.join(out, 'latents.npy')).astype(np.float64)

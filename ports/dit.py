@@ -15,6 +15,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from kvjax.model import sizes
 from ports import engine
 from ports.engine import TRANSFORMS, flat_paths  # noqa: F401  (re-exported)
 from ports.sources import PortError, RenamedSource, TensorSource, config_number, read_json
@@ -135,10 +136,11 @@ NUM_GLOBAL_KEYS, KEYS_PER_BLOCK = 15, 27
 
 # Released Wan2.1 text-to-video DiTs, by width: what shapes cannot tell (heads) and a signature.
 KNOWN_SIZES = {
-    1536: dict(name='Wan2.1-T2V-1.3B', num_heads=12, num_layers=30, ffn_dim=8960),
-    5120: dict(name='Wan2.1-T2V-14B', num_heads=40, num_layers=40, ffn_dim=13824),
-}
-SUPPORTED_DIM = 1536          # the Self-Forcing generator; other released sizes need allow_any_size
+    sizes.SIZES[key]['dim']: dict(name=name, **{f: sizes.SIZES[key][f]
+                                                for f in ('num_heads', 'num_layers', 'ffn_dim')})
+    for key, name in sizes.RELEASED.items()}
+# The Self-Forcing generator; other released sizes need allow_any_size.
+SUPPORTED_DIM = sizes.SIZES[sizes.DEFAULT]['dim']
 T2V_IN_DIM = 16
 
 

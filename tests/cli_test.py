@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from configs.self_forcing import get_config
 from kvjax import checkpoint as ckpt
-from kvjax import launch, run
+from kvjax import launch, run, runconfig
 from kvjax.model import WanConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -252,8 +252,9 @@ def test_geometry_either_runs_or_is_one_line(blocks, extra, window, sink, block,
   cfg.sampler.block_frames = block
   frames = blocks * max(block, 1) + extra     # mostly whole blocks, so most examples get far
   try:
-    s = run.resolve(cfg, method='rtn_int4', num_latent_frames=frames, window_frames=window,
-                    sink_frames=sink, outdir=str(tmp_path_factory.mktemp('g') / 'run'))
+    s = run.resolve(runconfig.override(cfg, method='rtn_int4', num_latent_frames=frames,
+                                       window_frames=window, sink_frames=sink),
+                    outdir=str(tmp_path_factory.mktemp('g') / 'run'))
   except (ValueError, FileNotFoundError) as e:
     assert '\n' not in str(e) and str(e)
     return

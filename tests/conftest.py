@@ -13,6 +13,7 @@ from flax import nnx
 
 from configs.self_forcing import get_config
 from kvjax import checkpoint as ckpt
+from kvjax import references
 from kvjax.model import WanConfig
 from kvjax.sampler import SamplerConfig
 
@@ -66,3 +67,13 @@ def text32(cfg32):
 def rel_err(a, b) -> float:
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _reference_store(tmp_path_factory):
+  """In-process runs store their BF16 references in a session folder, not the checkout's runs/
+  (the configs' ``reference_dir`` default is read from ``references.DEFAULT_DIR``)."""
+  default = references.DEFAULT_DIR
+  references.DEFAULT_DIR = str(tmp_path_factory.mktemp('references'))
+  yield
+  references.DEFAULT_DIR = default

@@ -13,15 +13,15 @@ import pytest
 
 from configs.self_forcing import get_config
 from kvjax import cache as kvcache
-from kvjax import run, sampler
+from kvjax import run, runconfig, sampler
 from kvjax.metrics import full_extent_float_arrays
 
 
 def _settings(name, outdir):
   cfg = get_config('tiny')
   cfg.video.latent_width = 10
-  return run.resolve(cfg, method=name, num_latent_frames=12, window_frames=10, sink_frames=1,
-                     outdir=str(outdir))
+  return run.resolve(runconfig.override(cfg, method=name, num_latent_frames=12, window_frames=10,
+                                        sink_frames=1), outdir=str(outdir))
 
 
 @pytest.mark.parametrize('name', kvcache.PAPER_NAMES)
@@ -65,8 +65,9 @@ def test_qvg_runs_on_packed_storage(name, args, frames, window, sink, heads, tmp
   cfg = get_config('tiny')
   cfg.video.latent_width = 10
   cfg.model.num_heads = heads
-  s = run.resolve(cfg, method=name, method_args=args, num_latent_frames=frames,
-                  window_frames=window, sink_frames=sink, outdir=str(tmp_path / 'run'))
+  s = run.resolve(runconfig.override(cfg, method=name, method_args=args, num_latent_frames=frames,
+                                     window_frames=window,
+                                     sink_frames=sink), outdir=str(tmp_path / 'run'))
   run.generate(s, progress=False)
   res = json.loads((tmp_path / 'run' / 'result.json').read_text())
   abstract = jax.eval_shape(lambda: s.method.init(s.spec))
@@ -88,6 +89,7 @@ def test_qvg_runs_on_packed_storage(name, args, frames, window, sink, heads, tmp
 ])
 def test_qvg_geometry_errors_before_any_work(args, frames, sink, phrase, tmp_path):
   with pytest.raises(ValueError, match=phrase):
-    run.resolve(get_config('tiny'), method='QVG_INT2', method_args=args, num_latent_frames=frames,
-                window_frames=9 if sink else None, sink_frames=sink, outdir=str(tmp_path / 'run'))
+    run.resolve(runconfig.override(get_config('tiny'), method='QVG_INT2', method_args=args,
+                                   num_latent_frames=frames, window_frames=9 if sink else None,
+                                   sink_frames=sink), outdir=str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()

@@ -14,6 +14,7 @@ from configs.self_forcing import get_config
 from kvjax import checkpoint as ckpt
 from kvjax import metrics
 from kvjax import run
+from kvjax import runconfig
 from kvjax import video as video_io
 from kvjax import wan_dir
 from ports import convert
@@ -36,9 +37,10 @@ def setup(tmp_path_factory):
   return dict(root=root, wan=str(root / 'Wan2.1-T2V-1.3B'), ckpt=str(root / 'ckpt'))
 
 
-def _resolve(setup, **kw):
-  return run.resolve(get_config('tiny'), checkpoint=setup['ckpt'], wan_dir=setup['wan'],
-                     reference='none', compute_dtype='float32', **kw)
+def _resolve(setup, outdir=None, **kw):
+  return run.resolve(runconfig.override(get_config('tiny'), **{
+      **dict(checkpoint=setup['ckpt'], wan_dir=setup['wan'], reference='none',
+             compute_dtype='float32'), **kw}), outdir=outdir)
 
 
 def test_cli_prompt_to_video(setup, tmp_path):
@@ -92,7 +94,7 @@ class TestBadInput:
 
   def test_prompt_needs_wan_dir_and_excludes_text_states(self, setup, tmp_path):
     with pytest.raises(ValueError, match='need --wan_dir'):
-      run.resolve(get_config('tiny'), prompt='a cat')
+      run.resolve(runconfig.override(get_config('tiny'), prompt='a cat'))
     np.save(tmp_path / 's.npy', np.zeros((1, 512, 32), np.float32))
     with pytest.raises(ValueError, match='or --text_states, not both'):
       _resolve(setup, prompt='a cat', text_states=str(tmp_path / 's.npy'))
@@ -102,16 +104,16 @@ class TestBadInput:
     shutil.copytree(setup['wan'], broken)
     os.remove(broken / 'models_t5_umt5-xxl-enc-bf16.pth')
     with pytest.raises(FileNotFoundError, match=r'missing: models_t5_umt5-xxl-enc-bf16.pth'):
-      run.resolve(get_config('tiny'), wan_dir=str(broken), prompt='a cat')
+      run.resolve(runconfig.override(get_config('tiny'), wan_dir=str(broken), prompt='a cat'))
     # Without a prompt only the VAE is needed.
-    s = run.resolve(get_config('tiny'), wan_dir=str(broken))
+    s = run.resolve(runconfig.override(get_config('tiny'), wan_dir=str(broken)))
     assert s.wan_dir.layout == 'wan' and s.prompts is None
 
   def test_sizes_must_match_the_dit(self, setup):
     cfg = get_config('tiny')
     cfg.model.text_dim = 48
     with pytest.raises(ValueError, match='gives 32-wide states, the DiT expects text_dim=48'):
-      run.resolve(cfg, wan_dir=setup['wan'], prompt='a cat')
+      run.resolve(runconfig.override(cfg, wan_dir=setup['wan'], prompt='a cat'))
 
   def test_prompts_file_sets_the_batch(self, setup, tmp_path):
     (tmp_path / 'p.txt').write_text('a cat\nthe sea\n')
@@ -130,9 +132,10 @@ def test_video_metrics_on_the_vae_frames(setup, tmp_path):
   """With --wan_dir and a reference, PSNR/SSIM/LPIPS are scored on the VAE's frames of both
   rollouts: the first block (9 frames, attending to no cache) equals the reference's, and the
   whole-video PSNR is what an independent decode of both latents gives."""
-  s = run.resolve(get_config('tiny'), checkpoint=setup['ckpt'], wan_dir=setup['wan'],
-                  method='rtn_int2', reference='bf16', outdir=str(tmp_path / 'q'),
-                  prompt='a cat', compute_dtype='float32')
+  s = run.resolve(runconfig.override(get_config('tiny'), checkpoint=setup['ckpt'],
+                                     wan_dir=setup['wan'], method='rtn_int2', reference='bf16',
+                                     prompt='a cat',
+                                     compute_dtype='float32'), outdir=str(tmp_path / 'q'))
   q = run.generate(s, progress=False)
   ref = run.generate(_resolve(setup, method='bf16', outdir=str(tmp_path / 'r'), prompt='a cat'),
                      progress=False)

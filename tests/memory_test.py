@@ -9,6 +9,7 @@ from configs.self_forcing import get_config
 from kvjax import cache as kvcache
 from kvjax import checkpoint as ckpt
 from kvjax import run
+from kvjax import runconfig
 from kvjax.kernels import dense_attention
 from kvjax.metrics import compiled_memory, full_extent_float_arrays
 from kvjax.sampler import SelfForcing
@@ -17,8 +18,8 @@ from kvjax.sampler import SelfForcing
 def _settings(compute_dtype):
   cfg = get_config('tiny')
   cfg.video.latent_width = 10              # 4 x 5 = 20 tokens per frame (distinctive)
-  return run.resolve(cfg, method='bf16', num_latent_frames=12, window_frames=10,
-                     compute_dtype=compute_dtype)   # capacity 7 frames
+  return run.resolve(runconfig.override(cfg, method='bf16', num_latent_frames=12, window_frames=10,
+                                        compute_dtype=compute_dtype))   # capacity 7 frames
 
 
 def test_steps_hold_no_full_float_cache():

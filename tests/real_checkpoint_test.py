@@ -209,15 +209,15 @@ def test_vae_decoder(real):
 def test_launcher_prompt_to_video(real, tmp_path):
   """The converted Self-Forcing DiT (bf16) + the raw Wan folder + a prompt -> video.mp4."""
   from configs.self_forcing import get_config
-  from kvjax import run
+  from kvjax import run, runconfig
   from kvjax import video as video_io
   sf, wan = _need(real, 'sf'), _need(real, 'wan')
   assert convert.main([f'--src={sf}', f'--dst={tmp_path / "ckpt"}', *_heads_flag(real)]) == 0
   cfg = get_config('wan2.1_t2v_1.3b')
   cfg.video.latent_height, cfg.video.latent_width = 16, 16
-  s = run.resolve(cfg, checkpoint=str(tmp_path / 'ckpt'), wan_dir=wan, num_latent_frames=3,
-                  prompt='A cat surfing a wave at sunset.', reference='none',
-                  outdir=str(tmp_path / 'run'))
+  s = run.resolve(runconfig.override(cfg, checkpoint=str(tmp_path / 'ckpt'), wan_dir=wan,
+                                     num_latent_frames=3, prompt='A cat surfing a wave at sunset.',
+                                     reference='none'), outdir=str(tmp_path / 'run'))
   res = run.generate(s, progress=False)
   frames, fps = video_io.read_mp4(str(tmp_path / 'run' / 'video.mp4'))
   assert frames.shape == (9, 128, 128, 3) and fps == 16.0 and res['text_len'] == 512

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 
 from configs.self_forcing import get_config
-from kvjax import references, run
+from kvjax import references, run, runconfig
 
 PROMPT = 'a big blue circle bouncing on a yellow background'
 
 
 def _run(tmp_path, name, refs, method='rtn_int4', **kw):
-  s = run.resolve(get_config('world'), method=method, prompt=PROMPT, reference_dir=refs,
-                  outdir=str(tmp_path / name), **kw)
+  s = run.resolve(runconfig.override(get_config('world'), method=method, prompt=PROMPT,
+                                     reference_dir=refs, **kw), outdir=str(tmp_path / name))
   return run.generate(s, progress=False)
 
 
@@ -28,7 +28,7 @@ def runs(tmp_path_factory):
   refs = str(tmp / 'store')
   first = _run(tmp, 'a', refs)                                 # rolls out and stores
   second = _run(tmp, 'b', refs, method='kivi_int4')            # another method: reuses
-  fresh = _run(tmp, 'c', None, method='kivi_int4')             # control: no store at all
+  fresh = _run(tmp, 'c', '', method='kivi_int4')               # control: no store at all
   return tmp, refs, first, second, fresh
 
 
@@ -81,6 +81,28 @@ def test_unusable_store_is_an_error_before_any_work(tmp_path):
   blocker = tmp_path / 'file'
   blocker.write_text('x')
   with pytest.raises(PermissionError, match='cannot store references'):
-    run.resolve(get_config('world'), method='rtn_int4', reference_dir=str(blocker / 'refs'),
+    run.resolve(runconfig.override(get_config('world'), method='rtn_int4',
+                                   reference_dir=str(blocker / 'refs')),
                 outdir=str(tmp_path / 'never'))
   assert not (tmp_path / 'never').exists()
+
+
+def test_bf16_run_stores_itself_as_the_reference(tmp_path):
+  """A BF16 run with a store writes its own rollout as the entry the other methods then read
+  (no second BF16 rollout), and the metrics against it equal those against a fresh rollout."""
+  refs = str(tmp_path / 'store')
+  bf16 = _run(tmp_path, 'bf16', refs, method='bf16')
+  assert bf16['reference'] is None and _entries(refs) == [bf16['stored_reference']]
+  other = _run(tmp_path, 'q', refs, method='rtn_int2')
+  assert other['reference']['stored'] is True
+  assert other['reference']['key'] == bf16['stored_reference']
+  assert other['reference']['runtime_s'] == bf16['runtime_s']
+  fresh = _run(tmp_path, 'f', '', method='rtn_int2')
+  assert other['latent_psnr'] == fresh['latent_psnr'] < float('inf')
+  lat = np.load(tmp_path / 'bf16' / 'latents.npy')
+  np.testing.assert_array_equal(lat, references.load(refs, bf16['stored_reference'],
+                                                     lat.shape).latents)
+  # A BF16 run with other parameters is not the reference: it stores nothing.
+  _run(tmp_path, 'twice', str(tmp_path / 'store2'), method='bf16',
+       method_args='requantize=every_call')
+  assert not os.path.exists(tmp_path / 'store2') or _entries(str(tmp_path / 'store2')) == []

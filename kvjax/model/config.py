@@ -8,6 +8,9 @@ from typing import Any
 import jax.numpy as jnp
 from kvjax.configlib import FrozenConfig
 from kvjax.kernels.rope import RopeGrid
+from kvjax.model import sizes
+
+_DEFAULT = sizes.SIZES[sizes.DEFAULT]
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -23,7 +26,8 @@ def as_dtype(name: Any) -> jnp.dtype:
 
 @dataclasses.dataclass(frozen=True)
 class WanConfig(FrozenConfig):
-  """Hyper-parameters of the Wan2.1 text-to-video DiT (Wan2.1-T2V-1.3B by default).
+  """Hyper-parameters of the Wan2.1 text-to-video DiT (Wan2.1-T2V-1.3B by default: the sizes
+  come from ``kvjax.model.sizes``).
 
   Attributes:
     dim: model width D.
@@ -40,16 +44,16 @@ class WanConfig(FrozenConfig):
   """
   _what = 'model config'
 
-  dim: int = 1536
-  ffn_dim: int = 8960
+  dim: int = _DEFAULT['dim']
+  ffn_dim: int = _DEFAULT['ffn_dim']
   freq_dim: int = 256
-  num_heads: int = 12
-  num_layers: int = 30
+  num_heads: int = _DEFAULT['num_heads']
+  num_layers: int = _DEFAULT['num_layers']
   patch_size: tuple[int, int, int] = (1, 2, 2)
-  in_dim: int = 16
-  out_dim: int = 16
-  text_len: int = 512
-  text_dim: int = 4096
+  in_dim: int = _DEFAULT['in_dim']
+  out_dim: int = _DEFAULT['out_dim']
+  text_len: int = _DEFAULT['text_len']
+  text_dim: int = _DEFAULT['text_dim']
   eps: float = 1e-6
   rope_theta: float = 10000.0
   rope_max_frames: int = 1024

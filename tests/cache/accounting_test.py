@@ -19,6 +19,7 @@ import pytest
 from configs.self_forcing import get_config
 from kvjax import cache as kvcache
 from kvjax import run
+from kvjax import runconfig
 from kvjax.cache import AppendInfo, CacheSpec
 from kvjax.cache import accounting as acc
 from kvjax.cache.flowcache import MOVIEGEN_BUDGETS
@@ -353,7 +354,8 @@ def test_tptq_census_extrapolates_and_caps():
 
 def test_result_json_carries_both_ratios(tmp_path):
   cfg = get_config('tiny')
-  s = run.resolve(cfg, method='RTN_INT4', reference='none', outdir=str(tmp_path / 'run'))
+  s = run.resolve(runconfig.override(cfg, method='RTN_INT4',
+                                     reference='none'), outdir=str(tmp_path / 'run'))
   assert (s.spec.total_frames * s.spec.frame_tokens) % 16 == 0
   run.generate(s, progress=False)
   res = json.loads((tmp_path / 'run' / 'result.json').read_text())

@@ -19,7 +19,7 @@ import pytest
 
 from configs.self_forcing import get_config
 from kvjax import checkpoint as ckpt
-from kvjax import kernels, run
+from kvjax import kernels, run, runconfig
 from kvjax.sampler import SelfForcing
 from launch import bench_attention
 
@@ -27,9 +27,9 @@ TRITON = '__gpu$xla.gpu.triton'
 
 
 def _settings(method, impl, outdir=None, compute_dtype=None):
-  return run.resolve(get_config('tiny'), method=method, impl=impl, reference='none',
-                     num_latent_frames=9, window_frames=9, outdir=outdir,
-                     compute_dtype=compute_dtype)
+  return run.resolve(runconfig.override(get_config('tiny'), method=method, impl=impl,
+                                        reference='none', num_latent_frames=9, window_frames=9,
+                                        compute_dtype=compute_dtype), outdir=outdir)
 
 
 def _lowered_steps(method, impl):

@@ -19,6 +19,7 @@ import pytest
 
 from configs.self_forcing import get_config
 from kvjax import run
+from kvjax import runconfig
 from kvjax.world import bundle, codec
 from kvjax.world import train as world_train
 
@@ -40,10 +41,10 @@ def _videos(tmp_path, weights: str) -> list[dict]:
   name = os.path.basename(weights)
   prompts = tmp_path / f'prompts_{name}.txt'
   prompts.write_text('\n'.join(PROMPTS) + '\n')
-  return [run.generate(run.resolve(c, method='bf16', seed=seed, reference='none',
-                                   prompts_file=str(prompts),
-                                   outdir=str(tmp_path / f'run_{name}_{seed}')), progress=False)
-          for seed in SEEDS]
+  runs = [run.resolve(runconfig.override(c, method='bf16', seed=seed, reference='none',
+                                         prompts_file=str(prompts)),
+                      outdir=str(tmp_path / f'run_{name}_{seed}')) for seed in SEEDS]
+  return [run.generate(s, progress=False) for s in runs]
 
 
 def _checks(results: list[dict]) -> list[dict]:
