@@ -1,0 +1,226 @@
+"""A sweep's plan: its runs (method x prompt x seed), its folder, and checks before any work.
+
+The sweep folder (the contract ``launch.aggregate`` reads):
+
+  DIR/sweep.json                     the sweep config, its fingerprint, the methods (canonical
+                                     names, in order) and the planned runs
+  DIR/references/                    the BF16 references, one per (prompt, seed), shared
+  DIR/runs/<METHOD>/p<III>_s<SEED>/  one launcher result folder per run, written atomically:
+                                     it exists only when complete (result.json, latents.npy, ...)
+
+A run folder whose result.json is missing, unreadable or not this run's is *corrupt*: it is
+removed and redone, never counted. The fingerprint covers everything that changes a run's
+numbers except the method list and the prompt count (the run config, the seed rule), so a sweep
+can grow by methods or prompts in the same folder; a folder made by another config is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import ml_collections
+
+from kvjax import cache as kvcache
+
+FORMAT = 1
+SWEEP_JSON = 'sweep.json'
+RUN_FIELDS = ('method', 'seed', 'prompts', 'kv_cache_bytes', 'runtime_s')
+"""result.json fields every complete run folder has (the launcher writes them all)."""
+
+# Run-config fields the sweep sets per run; they are not part of the fingerprint.
+_PER_RUN = ('method', 'seed', 'prompt', 'prompts_file', 'reference_dir')
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One (method, prompt, seed) of a sweep."""
+  method: str         # canonical name (aliases resolved)
+  prompt_index: int
+  prompt: str
+  seed: int
+
+  @property
+  def dir(self) -> str:
+    """Folder relative to the sweep folder."""
+    return os.path.join('runs', self.method, f'p{self.prompt_index:03d}_s{self.seed}')
+
+  def to_dict(self) -> dict[str, Any]:
+    return dict(method=self.method, prompt_index=self.prompt_index, prompt=self.prompt,
+                seed=self.seed, dir=self.dir)
+
+
+def methods_of(spec: str) -> list[str]:
+  """'all' (the study's 33 in table order) or a comma list of names/aliases -> canonical names,
+  BF16 first when present (its rollout becomes the stored reference of the others)."""
+  spec = str(spec).strip()
+  if spec == 'all':
+    names = list(kvcache.PAPER_NAMES)
+  else:
+    asked = [x.strip() for x in spec.split(',') if x.strip()]
+    if not asked:
+      raise ValueError('--config.methods is empty; give "all" or names (--list_methods)')
+    names = []
+    for a in asked:
+      try:
+        names.append(kvcache.get(a).name)
+      except ValueError as e:
+        raise ValueError(f'--config.methods: {e}') from None
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+      raise ValueError(f'--config.methods names {dup} twice')
+  return sorted(names, key=lambda n: n != 'BF16')
+
+
+def read_prompts(path: str, count: int) -> list[str]:
+  """The first ``count`` non-empty lines of ``path`` (stripped)."""
+  if not path:
+    raise ValueError('--config.prompts_file is not set: give a file with one prompt per line '
+                     '(README.md says where the study\'s suites come from)')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'prompts file not found: {path}')
+  if count < 1:
+    raise ValueError(f'--config.num_prompts must be >= 1 (got {count})')
+  try:
+    with open(path, encoding='utf-8') as f:
+      lines = [x.strip() for x in f]
+  except UnicodeDecodeError:
+    raise ValueError(f'prompts file {path} is not UTF-8 text') from None
+  prompts = [x for x in lines if x]
+  if not prompts:
+    raise ValueError(f'prompts file {path} has no prompt (every line is empty)')
+  if len(prompts) < count:
+    raise ValueError(f'prompts file {path} has {len(prompts)} prompt(s), fewer than '
+                     f'--config.num_prompts={count}')
+  return prompts[:count]
+
+
+def plan(sweep: ml_collections.ConfigDict) -> list[Run]:
+  """Every run of the sweep, method-major (a method's runs together), BF16 first."""
+  methods = methods_of(sweep.methods)
+  prompts = read_prompts(str(sweep.prompts_file), int(sweep.num_prompts))
+  offset = int(sweep.seed_offset)
+  if offset < 0:
+    raise ValueError(f'--config.seed_offset must be >= 0 (got {offset})')
+  return [Run(m, i, p, offset + i) for m in methods for i, p in enumerate(prompts)]
+
+
+def fingerprint(sweep: ml_collections.ConfigDict) -> str:
+  """SHA-256 of what fixes a run's numbers besides its method and prompt (run config without
+  the per-run fields, the seed rule)."""
+  run = sweep.run.to_dict()
+  for k in _PER_RUN:
+    run.pop(k, None)
+  blob = json.dumps(dict(format=FORMAT, run=run, seed_offset=int(sweep.seed_offset)),
+                    sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def run_config(sweep: ml_collections.ConfigDict, run: Run,
+               sweep_dir: str) -> ml_collections.ConfigDict:
+  """The launcher config of one run: the sweep's run config with its method, prompt and seed,
+  and the sweep's shared reference store."""
+  c = ml_collections.ConfigDict(sweep.run.to_dict())
+  c.method, c.prompt, c.prompts_file, c.seed = run.method, run.prompt, '', run.seed
+  c.reference_dir = os.path.join(sweep_dir, 'references')
+  return c
+
+
+def is_complete(sweep_dir: str, run: Run) -> bool:
+  """The run's folder holds this run's complete result."""
+  try:
+    with open(os.path.join(sweep_dir, run.dir, 'result.json')) as f:
+      r = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return (isinstance(r, dict) and all(k in r for k in RUN_FIELDS) and r['method'] == run.method
+          and r['seed'] == run.seed and r['prompts'] == [run.prompt])
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', dir=os.path.dirname(path))
+  try:
+    with os.fdopen(fd, 'w') as f:
+      json.dump(obj, f, indent=2, default=str)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)            # mkstemp's 0600 -> the user's umask
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def check_folder(sweep_dir: str, sweep: ml_collections.ConfigDict, runs: list[Run]) -> None:
+  """Refuses a folder made by another sweep config, or a file in the sweep folder's place, or
+  one that cannot be written: before any work."""
+  if os.path.exists(sweep_dir) and not os.path.isdir(sweep_dir):
+    raise FileExistsError(f'--outdir {sweep_dir} exists and is not a folder')
+  meta = os.path.join(sweep_dir, SWEEP_JSON)
+  if os.path.isdir(sweep_dir) and os.listdir(sweep_dir) and not os.path.isfile(meta):
+    raise FileExistsError(f'--outdir {sweep_dir} is not empty and has no {SWEEP_JSON}: not a '
+                          'sweep folder (choose a new or empty folder)')
+  if os.path.isfile(meta):
+    try:
+      with open(meta) as f:
+        old = json.load(f)
+      old_fp, old_runs = old['fingerprint'], old['runs']
+    except (OSError, ValueError, KeyError, TypeError):
+      raise ValueError(f'{meta} is unreadable: not a kvjax sweep folder') from None
+    if old_fp != fingerprint(sweep):
+      raise ValueError(f'{sweep_dir} was made by another sweep config (run config or seed rule '
+                       'differ); use a new --outdir or the config it was made with '
+                       f'({SWEEP_JSON} holds it)')
+    prompts = {r['prompt_index']: r['prompt'] for r in old_runs}
+    for r in runs:
+      if prompts.get(r.prompt_index, r.prompt) != r.prompt:
+        raise ValueError(f'{sweep_dir} has prompt {r.prompt_index} = '
+                         f'{prompts[r.prompt_index][:60]!r}, the prompts file gives '
+                         f'{r.prompt[:60]!r}: another prompts file; use a new --outdir')
+  probe = sweep_dir
+  while not os.path.exists(probe):
+    probe = os.path.dirname(os.path.abspath(probe))
+  try:
+    os.rmdir(tempfile.mkdtemp(prefix='.kvjax-probe-', dir=probe))
+  except OSError as e:
+    raise PermissionError(f'--outdir {sweep_dir}: cannot write in {probe} ({e.strerror})') from None
+
+
+def remove(path: str) -> None:
+  """Removes a run folder (or a file in its place) if it exists."""
+  if os.path.isdir(path):
+    shutil.rmtree(path)
+  elif os.path.lexists(path):
+    os.remove(path)
+
+
+def remove_partials(sweep_dir: str) -> None:
+  """Removes the staging folders (``.<name>.partial-*``) of writers that were killed."""
+  for root, dirs, _ in os.walk(sweep_dir):
+    for d in list(dirs):
+      if '.partial-' in d:
+        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+        dirs.remove(d)
+
+
+def prepare(sweep_dir: str, sweep: ml_collections.ConfigDict, runs: list[Run]) -> list[str]:
+  """Writes sweep.json, removes staging folders of killed writers and corrupt run folders;
+  returns the removed corrupt folders (relative). Call with the sweep's lock held."""
+  os.makedirs(os.path.join(sweep_dir, 'runs'), exist_ok=True)
+  write_json_atomic(os.path.join(sweep_dir, SWEEP_JSON), dict(
+      format=FORMAT, config=sweep.to_dict(), fingerprint=fingerprint(sweep),
+      methods=list(dict.fromkeys(r.method for r in runs)), runs=[r.to_dict() for r in runs]))
+  remove_partials(sweep_dir)
+  corrupt = []
+  for r in runs:
+    path = os.path.join(sweep_dir, r.dir)
+    if os.path.lexists(path) and not is_complete(sweep_dir, r):
+      remove(path)
+      corrupt.append(r.dir)
+  return corrupt
