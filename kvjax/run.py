@@ -34,6 +34,7 @@ from kvjax.cache import accounting
 from kvjax.cache.base import CacheMethod, CacheSpec
 from kvjax.model import WanConfig, count_params
 from kvjax.sampler import Noise, SamplerConfig, SelfForcing, load_noise, make_noise, noise_shapes
+from kvjax.sampler import sharding
 from kvjax.world import bundle, checks, codec, scene
 from kvjax.world import text as world_text
 
@@ -322,8 +323,9 @@ def _progress(enabled: bool):
 
 
 def _rollout(s: RunSettings, method: CacheMethod, params, noise, texts, graphdef, label, bar):
+  """The rollout of ``method``; a batch is split across the local devices (``batch_mesh``)."""
   sf = SelfForcing(s.model_cfg, s.sampler_cfg, method, s.spec, latent_hw=(s.height, s.width),
-                   impl=s.impl, graphdef=graphdef)
+                   impl=s.impl, graphdef=graphdef, mesh=sharding.batch_mesh(s.batch))
   task = None
   if bar is not None:
     task = bar.add_task(label, total=s.frames // s.sampler_cfg.block_frames)
@@ -461,7 +463,7 @@ def generate(s: RunSettings, *, progress: bool = True, save_inputs: bool = False
       peak_memory_bytes=peak, impl=s.impl, impl_resolved=impl,
       kernel_fallbacks=_kernel_fallbacks(s, cache, impl, cdtype),
       backend=jax.default_backend(),
-      device=str(jax.devices()[0]), jax_version=jax.__version__, reference=ref_info,
+      device=str(jax.devices()[0]), devices=sharding.num_shards(sharding.batch_mesh(s.batch)), jax_version=jax.__version__, reference=ref_info,
       window_frames=s.spec.window_frames, sink_frames=s.spec.sink_frames,
       compute_dtype=s.model_cfg.compute_dtype, config_full=s.config)
   if own_key is not None:

@@ -31,9 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kvjax.cache.base import AppendInfo, CacheMethod, CacheSpec
 from kvjax.model import WanConfig, WanDiT
+from kvjax.sampler import sharding
 from kvjax.sampler.noise import Noise
 from kvjax.sampler.scheduler import SamplerConfig, schedule
 
@@ -69,9 +71,11 @@ class SelfForcing:
 
   def __init__(self, model_cfg: WanConfig, sampler_cfg: SamplerConfig, method: CacheMethod,
                spec: CacheSpec, *, latent_hw: tuple[int, int], impl: str = 'auto',
-               graphdef=None):
+               graphdef=None, mesh: Mesh | None = None):
+    """``mesh``: a 1-D ``batch`` mesh (``sharding.batch_mesh``) over which every array's batch
+    axis is split (the videos of a batch run on different devices); None: one device."""
     self.model_cfg, self.cfg, self.method, self.spec = model_cfg, sampler_cfg, method, spec
-    self.impl = impl
+    self.impl, self.mesh = impl, mesh
     self.latent_hw = latent_hw
     self.timesteps, self.sigmas = schedule(sampler_cfg)
     if graphdef is None:
@@ -144,8 +148,31 @@ class SelfForcing:
     cache = jax.eval_shape(lambda: self.method.init(spec))
     scalar = sds((), f32)
     start = sds((), jnp.int32)
-    return dict(params=params, x=x, text=text, cross=cross, cache=cache, scalar=scalar,
+    args = dict(params=params, x=x, text=text, cross=cross, cache=cache, scalar=scalar,
                 start=start)
+    if self.mesh is None:
+      return args
+    shard = self.shardings(params, text_len, text_dim)
+    return {k: jax.tree.map(lambda a, s: sds(a.shape, a.dtype, sharding=s), v, shard[k])
+            for k, v in args.items()}
+
+  def shardings(self, params, text_len: int, text_dim: int) -> dict[str, Any]:
+    """The NamedSharding of every step argument over ``self.mesh`` (batch axes split)."""
+    sds, spec, mesh = jax.ShapeDtypeStruct, self.spec, self.mesh
+    h, w = self.latent_hw
+    c, cdt = self.model_cfg.in_dim, self.model_cfg.cdtype
+    rep = sharding.replicated(mesh)
+    text = lambda b: sds((b, text_len, text_dim), cdt)
+    axes = dict(
+        x=sharding.batch_axes(lambda b: sds((b, spec.block_frames, c, h, w), f32), spec.batch),
+        text=sharding.batch_axes(text, spec.batch),
+        cross=sharding.batch_axes(lambda b: jax.eval_shape(self.encode_fn, params, text(b)),
+                                  spec.batch),
+        cache=sharding.batch_axes(lambda b: jax.eval_shape(
+            lambda: self.method.init(dataclasses.replace(spec, batch=b))), spec.batch))
+    out = {k: sharding.shardings(mesh, v) for k, v in axes.items()}
+    out.update(params=jax.tree.map(lambda _: rep, params), scalar=rep, start=rep)
+    return out
 
   # Which step functions depend on the cache method (the others are shared across methods).
   _METHOD_FREE = ('encode', 'x0', 'renoise', 'feature', 'rel_l1')
@@ -154,20 +181,38 @@ class SelfForcing:
     """name -> zero-argument function returning the lowered step (nothing is allocated)."""
     a = self.abstract_args(params, text_len, text_dim)
     p = a['params']
+    # With a mesh the outputs keep the inputs' shardings (AOT executables take exactly those).
+    outs = {}
+    if self.mesh is not None:
+      sh = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+      v_sh, cache_sh = sh(a['x']), sh(a['cache'])
+      outs = dict(encode=sh(a['cross']), context=cache_sh, x0=v_sh, renoise=v_sh,
+                  denoise=(v_sh, cache_sh) if self.recodes_every_call else v_sh,
+                  rel_l1=sharding.replicated(self.mesh))
+    jit = lambda name, fn, **kw: jax.jit(fn, **kw, **(
+        {'out_shardings': outs[name]} if name in outs else {}))
     out = dict(
-        encode=lambda: jax.jit(self.encode_fn).lower(p, a['text']),
-        denoise=lambda: jax.jit(self.denoise_fn,
-                                donate_argnums=(4,) if self.recodes_every_call else ()).lower(
-                                    p, a['x'], a['scalar'], a['cross'], a['cache'], a['start']),
-        context=lambda: jax.jit(self.context_fn, donate_argnums=(3,)).lower(
+        encode=lambda: jit('encode', self.encode_fn).lower(p, a['text']),
+        denoise=lambda: jit('denoise', self.denoise_fn,
+                            donate_argnums=(4,) if self.recodes_every_call else ()).lower(
+                                p, a['x'], a['scalar'], a['cross'], a['cache'], a['start']),
+        context=lambda: jit('context', self.context_fn, donate_argnums=(3,)).lower(
             p, a['x'], a['cross'], a['cache'], a['start']),
-        x0=lambda: jax.jit(self.x0_fn).lower(a['x'], a['x'], a['scalar']),
-        renoise=lambda: jax.jit(self.renoise_fn).lower(a['x'], a['x'], a['scalar']),
+        x0=lambda: jit('x0', self.x0_fn).lower(a['x'], a['x'], a['scalar']),
+        renoise=lambda: jit('renoise', self.renoise_fn).lower(a['x'], a['x'], a['scalar']),
     )
     if self.reuse_threshold > 0:
       feat = jax.eval_shape(self.feature_fn, p, a['x'], a['scalar'])
-      out['feature'] = lambda: jax.jit(self.feature_fn).lower(p, a['x'], a['scalar'])
-      out['rel_l1'] = lambda: jax.jit(self.rel_l1_fn).lower(feat, feat)
+      if self.mesh is not None:    # the feature's batch axis is split like x's
+        axes = sharding.batch_axes(lambda b: jax.eval_shape(
+            self.feature_fn, p, jax.ShapeDtypeStruct((b, *a['x'].shape[1:]), f32), a['scalar']),
+            self.spec.batch)
+        fsh = sharding.shardings(self.mesh, axes)
+        feat = jax.tree.map(lambda f, s: jax.ShapeDtypeStruct(f.shape, f.dtype, sharding=s),
+                            feat, fsh)
+        outs['feature'] = fsh
+      out['feature'] = lambda: jit('feature', self.feature_fn).lower(p, a['x'], a['scalar'])
+      out['rel_l1'] = lambda: jit('rel_l1', self.rel_l1_fn).lower(feat, feat)
     return out
 
   def lower(self, params, text_len: int, text_dim: int):
@@ -180,7 +225,7 @@ class SelfForcing:
       return 0.0
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     shared = (self.model_cfg, self.cfg, self.latent_hw, self.spec.batch, self.spec.block_frames,
-              text_len, text_dim, jax.tree.structure(abstract),
+              text_len, text_dim, self.mesh, jax.tree.structure(abstract),
               tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(abstract)))
     t0 = time.perf_counter()
     compiled = {}
@@ -220,10 +265,18 @@ class SelfForcing:
     stats.compile_s = self.compile(params, text_states.shape[1], text_states.shape[2])
     fn = self._compiled
     renoise = jnp.asarray(noise.renoise, f32)
+    cache_init = jax.jit(self.method.init, static_argnums=0)
+    if self.mesh is not None:      # each video's rows on its device, the weights on all
+      shard = self.shardings(params, text_states.shape[1], text_states.shape[2])
+      params = jax.device_put(params, shard['params'])
+      text_states = jax.device_put(text_states, shard['text'])
+      split = lambda axis: NamedSharding(self.mesh, P(*([None] * axis), sharding.AXIS))
+      init, renoise = jax.device_put(init, split(0)), jax.device_put(renoise, split(2))
+      cache_init = jax.jit(self.method.init, static_argnums=0, out_shardings=shard['cache'])
 
     t0 = time.perf_counter()
     cross = fn['encode'](params, text_states)
-    cache = jax.jit(self.method.init, static_argnums=0)(spec)
+    cache = cache_init(spec)
     out = []
     num_blocks = nf // bf
     steps = len(self.timesteps)
