@@ -142,6 +142,13 @@ def is_complete(sweep_dir: str, run: Run) -> bool:
           and r['seed'] == run.seed and r['prompts'] == [run.prompt])
 
 
+def sweep_json(sweep: ml_collections.ConfigDict, runs: list[Run]) -> dict[str, Any]:
+  """The content of sweep.json."""
+  return dict(format=FORMAT, config=sweep.to_dict(), fingerprint=fingerprint(sweep),
+              methods=list(dict.fromkeys(r.method for r in runs)),
+              runs=[r.to_dict() for r in runs])
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
   fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', dir=os.path.dirname(path))
   try:
@@ -213,9 +220,7 @@ def prepare(sweep_dir: str, sweep: ml_collections.ConfigDict, runs: list[Run]) -
   """Writes sweep.json, removes staging folders of killed writers and corrupt run folders;
   returns the removed corrupt folders (relative). Call with the sweep's lock held."""
   os.makedirs(os.path.join(sweep_dir, 'runs'), exist_ok=True)
-  write_json_atomic(os.path.join(sweep_dir, SWEEP_JSON), dict(
-      format=FORMAT, config=sweep.to_dict(), fingerprint=fingerprint(sweep),
-      methods=list(dict.fromkeys(r.method for r in runs)), runs=[r.to_dict() for r in runs]))
+  write_json_atomic(os.path.join(sweep_dir, SWEEP_JSON), sweep_json(sweep, runs))
   remove_partials(sweep_dir)
   corrupt = []
   for r in runs:
