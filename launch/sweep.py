@@ -14,7 +14,7 @@ of each (prompt, seed) is computed once (the BF16 method's own run, else the fir
 stored in ``DIR/references/`` for every other method. Rerunning the same command resumes: finished
 runs are skipped, a corrupt run folder is redone. Runs are grouped into jobs (one per method by
 default, so a method compiles once) and submitted through submitit: ``local`` runs them as
-subprocesses of this machine (``--config.executor.parallel`` at once), ``slurm`` as a job array
+subprocesses of this machine (one on each GPU of ``--config.executor.local_gpus`` at once), ``slurm`` as a job array
 (GPUs, time limit, partition from ``config.executor.slurm``), ``inline`` in this process.
 
 Bad input (an unknown method, a missing or empty prompts file, a prompt the model cannot read,
@@ -74,6 +74,8 @@ def run_job(sweep_dir: str, sweep_dict: dict, runs: list[dict]) -> list[str]:
   if not _STATE.get('main'):           # a job process of its own (submitit)
     interrupts.watch(_job_interrupted, 'kvjax-sweep-job')
   _init_distributed()
+  print(f'sweep job: CUDA_VISIBLE_DEVICES={os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)")}, '
+        f'{len(runs)} run(s)', flush=True)
   sweep = ml_collections.ConfigDict(sweep_dict)
   wrote = []
   for d in runs:
@@ -207,6 +209,15 @@ def _hms(s: float) -> str:
   return f'{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}'
 
 
+def local_gpus(sweep) -> list[str]:
+  """``config.executor.local_gpus`` as ids; raises on a malformed list."""
+  ids = [g.strip() for g in str(sweep.executor.local_gpus).split(',') if g.strip()]
+  if not ids or not all(g.isdigit() for g in ids) or len(set(ids)) != len(ids):
+    raise ValueError(f'--config.executor.local_gpus={sweep.executor.local_gpus!r}: give distinct '
+                     "GPU ids, e.g. '0' or '0,1,2,3'")
+  return ids
+
+
 def _executor(kind: str, sweep, sweep_dir: str):
   import submitit
   folder = os.path.join(sweep_dir, '.submitit', '%j')
@@ -248,16 +259,22 @@ def execute(kind: str, sweep, sweep_dir: str, jobs: list[list[Run]], progress: P
           'command to resume what fails, then python -m launch.aggregate '
           f'--sweep_dir={sweep_dir}', flush=True)
     return 0
-  parallel = max(1, int(sweep.executor.parallel))
-  pending, running, failed = list(payload), [], []
+  # One job per GPU id at a time; submitit sets the job's CUDA_VISIBLE_DEVICES to its id.
+  free = [int(g) for g in local_gpus(sweep)]
+  pending, running, failed, gpu_of = list(payload), [], [], {}
   _RUNNING[:] = []
   while pending or running:
-    while pending and len(running) < parallel:
-      running.append(ex.submit(run_job, sweep_dir, sweep_dict, pending.pop(0)))
+    while pending and free:
+      gpu = free.pop(0)
+      ex.update_parameters(gpus_per_node=1, visible_gpus=[gpu])
+      job = ex.submit(run_job, sweep_dir, sweep_dict, pending.pop(0))
+      running.append(job)
+      gpu_of[job.job_id] = gpu
       _RUNNING[:] = running
     time.sleep(0.5)
     for j in [j for j in running if j.done()]:
       running.remove(j)
+      free.append(gpu_of.pop(j.job_id))
       try:
         j.result()
       except Exception as e:              # one job's failure does not stop the others
@@ -306,6 +323,8 @@ def dry_run(kind, sweep, sweep_dir, runs, jobs) -> str:
            f'impl {sweep.run.impl}',
            f'  {len(jobs)} job(s) of {min(len(j) for j in jobs)}-{max(len(j) for j in jobs)} runs',
            f'  methods: {", ".join(methods)}']
+  if kind == 'local':
+    lines.append(f'  local: one job at a time on each GPU id of {",".join(local_gpus(sweep))}')
   if kind == 'slurm':
     sl = sweep.executor.slurm
     lines.append(f'  slurm: array of {len(jobs)} (at most {sl.array_parallelism} at once), '
@@ -334,6 +353,7 @@ def main(argv) -> int:
       raise ValueError(f'unknown executor {kind!r}; valid: {list(EXECUTORS)}')
     runs = sweep_plan.plan(sweep)
     jobs = jobs_of(runs, int(sweep.executor.runs_per_job))
+    local_gpus(sweep)
     sweep_plan.check_folder(sweep_dir, sweep, runs)
     validate(sweep, runs, sweep_dir)
   except cli.INPUT_ERRORS as e:

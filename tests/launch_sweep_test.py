@@ -19,10 +19,13 @@ from launch import sweep_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = 'BF16,RTN_INT4,KIVI_INT2'
+SHORT = ['--config.run.video.num_latent_frames=9', '--config.run.cache.window_frames=-1',
+         '--config.run.cache.sink_frames=0']       # the world's 9-frame clip: faster runs
 
 
 def _cfg(**kw):
   c = study.get_config('world')
+  c.run.video.num_latent_frames, c.run.cache.window_frames, c.run.cache.sink_frames = 9, -1, 0
   for k, v in kw.items():
     c[k] = v
   return c
@@ -105,6 +108,7 @@ class TestBadInput:
       ('not_a_sweep', ['--outdir={tmp}/foreign'], 'not a sweep folder'),
       ('unwritable', ['--outdir={tmp}/afile/sweep'], 'cannot write'),
       ('bad_executor', ['--executor=cloud'], 'executor'),
+      ('bad_gpus', ['--config.executor.local_gpus=0,a'], 'local_gpus'),
       ('no_outdir', ['--outdir='], '--outdir is required'),
   ])
   def test_cli(self, tmp_path, name, args, phrase):
@@ -157,7 +161,8 @@ def test_killed_twice_resumed_and_aggregated(tmp_path):
   kill (SIGKILL to the process group) after the third, a corrupt run folder, then a resume that
   skips the finished runs and redoes the corrupt one; the aggregate has one row per method."""
   out = tmp_path / 'sweep'
-  args = [sys.executable, '-m', 'launch.sweep', f'--outdir={out}', f'--config.methods={METHODS}']
+  args = [sys.executable, '-m', 'launch.sweep', f'--outdir={out}', f'--config.methods={METHODS}',
+          *SHORT]
   c = _cfg(methods=METHODS)
   runs = sweep_plan.plan(c)
   done = lambda: [r for r in runs if sweep_plan.is_complete(str(out), r)]
@@ -183,8 +188,12 @@ def test_killed_twice_resumed_and_aggregated(tmp_path):
   with open(out / victim / 'result.json', 'r+') as f:
     f.truncate(40)
 
-  p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  # Resumed with two jobs at once, one per "GPU" id (CUDA_VISIBLE_DEVICES set per job).
+  p = subprocess.run([*args, '--config.executor.local_gpus=0,1'], cwd=ROOT, capture_output=True,
+                     text=True, timeout=900)
   assert p.returncode == 0, p.stderr[-3000:]
+  logs = ''.join(f.read_text() for f in (out / '.submitit').rglob('*_log.out'))
+  assert 'CUDA_VISIBLE_DEVICES=0,' in logs and 'CUDA_VISIBLE_DEVICES=1,' in logs
   assert f'{victim} was corrupt or partial: removed, it is redone' in p.stderr
   assert f'{len(runs)} runs ({len(second) - 1} done)' in p.stderr
   assert len(done()) == len(runs) and _partials(out) == []
@@ -199,7 +208,7 @@ def test_killed_twice_resumed_and_aggregated(tmp_path):
     if r.method != 'BF16':
       assert res['reference']['key'] in refs and res['video_ssim'] < 1
   # A finished sweep reruns as a no-op.
-  again = _cli(f'--outdir={out}', f'--config.methods={METHODS}', '--executor=inline')
+  again = _cli(f'--outdir={out}', f'--config.methods={METHODS}', *SHORT, '--executor=inline')
   assert again.returncode == 0 and f'{len(runs)} runs ({len(runs)} done), 0 job(s)' in again.stderr
 
   agg = subprocess.run([sys.executable, '-m', 'launch.aggregate', f'--sweep_dir={out}'], cwd=ROOT,
@@ -227,7 +236,7 @@ def test_slurm_submission_through_stand_in_commands(tmp_path):
   _stand_in(bin_dir / 'srun', 'exit 0\n')
   env = dict(os.environ, PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}')
   out = tmp_path / 'sweep'
-  flags = [f'--outdir={out}', f'--config.methods={METHODS}', '--executor=slurm',
+  flags = [f'--outdir={out}', f'--config.methods={METHODS}', *SHORT, '--executor=slurm',
            '--config.executor.slurm.partition=gpu', '--config.executor.slurm.timeout_min=90']
   bare = _cli(*flags)                     # no Slurm on this machine: one line, no folder
   assert bare.returncode == 2 and 'needs Slurm' in bare.stderr and not out.exists()

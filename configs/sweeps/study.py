@@ -1,9 +1,10 @@
 """The study's sweep: every cache method x the first prompts of a suite x seed = prompt index.
 
 Variants (the part after ``:``):
-  world   the default: the trained world model on CPU, 9 latent frames, 10 captions of its own
-          grammar (configs/sweeps/world_prompts.txt; the world's caption encoder cannot read
-          MovieGen text). All 33 methods x 2 prompts take ~10 min on 2 CPU cores.
+  world   the default: the trained world model on CPU, its drift setting (world_long: 36 latent
+          frames through a 12-frame window with 3 sink frames), 10 captions of its own grammar
+          (configs/sweeps/world_prompts.txt; the world's caption encoder cannot read MovieGen
+          text), the first 2 of them. All 33 methods x 2 prompts: BUILD.md gives the time.
   wan     the study's protocol: Wan2.1-T2V-1.3B (Self-Forcing), 42 latent frames at 480x832
           through a 21-frame window, the first 10 prompts of a suite, seed = prompt index. Needs
           a converted checkpoint, the Wan folder and the suite (MovieGen: Self-Forcing's
@@ -34,7 +35,7 @@ WORLD_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'world_
 
 def get_config(arg: str = 'world') -> ml_collections.ConfigDict:
   arg = arg or 'world'
-  variants = {'world': 'world', 'wan': 'wan2.1_t2v_1.3b_long'}
+  variants = {'world': 'world_long', 'wan': 'wan2.1_t2v_1.3b_long'}
   if arg not in variants:
     raise ValueError(f'unknown sweep variant {arg!r}; valid: {sorted(variants)}')
   c = ml_collections.ConfigDict()
@@ -48,7 +49,8 @@ def get_config(arg: str = 'world') -> ml_collections.ConfigDict:
   c.seed_offset = 0            # seed = seed_offset + prompt index (the study's rule)
   c.executor = ml_collections.ConfigDict(dict(
       kind='local',            # local (submitit, this machine) | slurm | inline (this process)
-      parallel=1,              # local jobs at once
+      local_gpus='0',          # local: GPU ids, one job on each at a time ('0,1,2,3': 4 at
+                               # once); on a CPU machine only their count matters
       runs_per_job=0,          # 0: one job per method (its compiled steps reused); N: N runs
       slurm=dict(partition='', account='', qos='', gpus_per_task=1, cpus_per_task=8,
                  mem_gb=64, timeout_min=240, array_parallelism=32, nodes=1),
