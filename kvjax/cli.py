@@ -11,7 +11,8 @@ from ml_collections import config_flags
 
 EXIT_USAGE = 2
 HELP_FLAGS = ('-h', '--help', '-help', '-?', '--helpshort', '--helpfull')
-INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotImplementedError)
+INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
+                NotImplementedError)
 """What bad input raises (``resolve``-style checks): reported as one line, not a traceback."""
 
 

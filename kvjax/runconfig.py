@@ -28,7 +28,8 @@ FLAG_FIELDS: dict[str, Field] = {
     'method': Field('method', 'string', 'Cache method name or alias (see --list_methods).'),
     'method_args': Field('method_args', 'string', "Method parameter overrides 'key=value,...' "
                          '(e.g. clamp_zero_point=false); see --list_methods.'),
-    'checkpoint': Field('checkpoint', 'string', 'Converted DiT checkpoint directory (ports.convert).'),
+    'checkpoint': Field('checkpoint', 'string',
+                        'Converted DiT checkpoint directory (ports.convert).'),
     'seed': Field('seed', 'integer', 'Noise seed (and of random text states).'),
     'num_latent_frames': Field('video.num_latent_frames', 'integer',
                                'Latent frames to generate (a multiple of the 3-frame block).'),

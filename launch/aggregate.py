@@ -9,7 +9,9 @@ launcher result folders; docs/RESULTS.md has their fields) and writes into it, e
 ``table.csv`` / ``table.md`` (one row per method: the study's 33 in table order, then the others
 in sweep order), ``pareto.png``, ``memory_runtime.png``, ``drift.png``, ``frame_metrics.png``,
 ``drift_methods.png``, ``videos.mp4`` (chosen methods' videos side by side, when the runs wrote
-videos) and ``report.html``. Nothing else is touched; rerunning rewrites them.
+videos) and ``report.html``. Nothing else is touched; rerunning rewrites them. When the folder has
+``vbench.csv`` (``python -m launch.vbench_eval``, optional), the table gains the per-method means of
+its VBench scores (an unreadable one is named on stderr and left out).
 
 A planned run without a folder is missing; a folder whose result.json is absent, not JSON, lacks
 a field of ``sweep_table.REQUIRED`` or names another method/seed, or that has no curves.csv, is
@@ -189,7 +191,10 @@ def run(sweep_dir: str | None, videos: str | None) -> int:
                         for r in runs])
   bench = published.benchmark(sweep['config'].get('prompts_file'))
   paper = published.table(bench) if not diffs and bench else None
-  table = st.build_table(methods, runs, paper)
+  vbench, problem = st.load_vbench(sweep_dir)
+  if problem:
+    print(f'aggregate: {problem} (left out; rerun launch.vbench_eval)', file=sys.stderr, flush=True)
+  table = st.build_table(methods, runs, paper, vbench)
   write_text(os.path.join(sweep_dir, 'table.csv'), table.to_csv(index=False, na_rep=''))
 
   if diffs:

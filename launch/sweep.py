@@ -14,8 +14,9 @@ of each (prompt, seed) is computed once (the BF16 method's own run, else the fir
 stored in ``DIR/references/`` for every other method. Rerunning the same command resumes: finished
 runs are skipped, a corrupt run folder is redone. Runs are grouped into jobs (one per method by
 default, so a method compiles once) and submitted through submitit: ``local`` runs them as
-subprocesses of this machine (one on each GPU of ``--config.executor.local_gpus`` at once), ``slurm`` as a job array
-(GPUs, time limit, partition from ``config.executor.slurm``), ``inline`` in this process.
+subprocesses of this machine (one on each GPU of ``--config.executor.local_gpus`` at once),
+``slurm`` as a job array (GPUs, time limit, partition from ``config.executor.slurm``),
+``inline`` in this process.
 
 Bad input (an unknown method, a missing or empty prompts file, a prompt the model cannot read,
 a folder of another sweep, an unwritable folder) is one ``error:`` line and exit status 2 before
@@ -24,29 +25,22 @@ any work. Ctrl-C stops the jobs, removes what they were writing and exits 130; f
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 
-import ml_collections
 from absl import app, flags, logging
 
-from kvjax import interrupts
 from kvjax import cli
+from kvjax import interrupts
 from kvjax import run as kvrun
 from kvjax.world import scene
+from launch import sweep_jobs as jobs_lib
 from launch import sweep_plan
 from launch.sweep_plan import Run
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_DEFAULT_CONFIG = os.path.join(_REPO, 'configs', 'sweeps', 'study.py')
+_DEFAULT_CONFIG = os.path.join(jobs_lib.REPO, 'configs', 'sweeps', 'study.py')
 EXECUTORS = ('local', 'slurm', 'inline')
-LOCK = '.sweep.lock'
-SLURM_JOBS = 'slurm_jobs.json'
 
 cli.define_config(_DEFAULT_CONFIG, 'Sweep config (path:variant).')
 flags.DEFINE_string('outdir', None, 'The sweep folder (new, empty, or this sweep\'s: resumed).')
@@ -54,53 +48,6 @@ flags.DEFINE_enum('executor', None, list(EXECUTORS), 'Where the jobs run; sets '
                   'config.executor.kind.')
 flags.DEFINE_bool('dry_run', False, 'Print the plan (runs, jobs, what is done) and exit.')
 FLAGS = flags.FLAGS
-
-
-def jobs_of(runs: list[Run], runs_per_job: int) -> list[list[Run]]:
-  """Groups the runs: one job per method (0) or chunks of ``runs_per_job`` in plan order."""
-  if runs_per_job < 0:
-    raise ValueError(f'--config.executor.runs_per_job must be >= 0 (got {runs_per_job})')
-  if runs_per_job == 0:
-    by_method: dict[str, list[Run]] = {}
-    for r in runs:
-      by_method.setdefault(r.method, []).append(r)
-    return list(by_method.values())
-  return [runs[i:i + runs_per_job] for i in range(0, len(runs), runs_per_job)]
-
-
-def run_job(sweep_dir: str, sweep_dict: dict, runs: list[dict]) -> list[str]:
-  """One job: each of ``runs`` not yet complete, in order (a job process, or inline). Returns
-  the folders it wrote. Ctrl-C / SIGINT (submitit's cancel) removes the run being written."""
-  if not _STATE.get('main'):           # a job process of its own (submitit)
-    interrupts.watch(_job_interrupted, 'kvjax-sweep-job')
-  _init_distributed()
-  print(f'sweep job: CUDA_VISIBLE_DEVICES={os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)")}, '
-        f'{len(runs)} run(s)', flush=True)
-  sweep = ml_collections.ConfigDict(sweep_dict)
-  wrote = []
-  for d in runs:
-    r = Run(d['method'], d['prompt_index'], d['prompt'], d['seed'])
-    if sweep_plan.is_complete(sweep_dir, r):
-      continue
-    out = os.path.join(sweep_dir, r.dir)
-    sweep_plan.remove(out)               # a corrupt folder (prepare removed those it saw)
-    s = kvrun.resolve(sweep_plan.run_config(sweep, r, sweep_dir), outdir=out)
-    kvrun.generate(s, progress=False)
-    wrote.append(r.dir)
-  return wrote
-
-
-def _job_interrupted() -> None:
-  kvrun.discard_partial()
-  interrupts.exit_interrupted('job interrupted; its partial run removed')
-
-
-def _init_distributed() -> None:
-  """Multi-host jobs (Slurm with several tasks): ``jax.distributed`` reads the Slurm
-  environment. A single task needs nothing."""
-  if int(os.environ.get('SLURM_NTASKS', '1')) > 1:
-    import jax
-    jax.distributed.initialize()
 
 
 def validate(sweep, runs: list[Run], sweep_dir: str) -> None:
@@ -126,191 +73,6 @@ def validate(sweep, runs: list[Run], sweep_dir: str) -> None:
       raise
 
 
-class Lock:
-  """``DIR/.sweep.lock``: one sweep process per folder (a second one would remove the first's
-  staging folders). A lock whose process is gone is taken over."""
-
-  def __init__(self, sweep_dir: str):
-    self.path = os.path.join(sweep_dir, LOCK)
-
-  def acquire(self) -> None:
-    me = f'{socket.gethostname()} {os.getpid()}'
-    for _ in range(2):
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-      except FileExistsError:
-        host, _, pid = open(self.path).read().partition(' ')
-        if host == socket.gethostname() and pid.isdigit() and _alive(int(pid)):
-          raise FileExistsError(f'another sweep (pid {pid}) is running in '
-                                f'{os.path.dirname(self.path)}') from None
-        os.remove(self.path)              # its process is gone
-        continue
-      with os.fdopen(fd, 'w') as f:
-        f.write(me)
-      return
-    raise FileExistsError(f'cannot take the lock {self.path}')
-
-  def release(self) -> None:
-    if os.path.exists(self.path):
-      os.remove(self.path)
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
-def _slurm_pending(sweep_dir: str) -> list[str]:
-  """Job ids of this folder's earlier Slurm submission still queued or running."""
-  path = os.path.join(sweep_dir, SLURM_JOBS)
-  if not os.path.isfile(path):
-    return []
-  ids = json.load(open(path))['job_ids']
-  try:
-    out = subprocess.run(['squeue', '-h', '-o', '%i', '-j', ','.join(ids)], capture_output=True,
-                         text=True, timeout=60).stdout
-  except (OSError, subprocess.TimeoutExpired):
-    return []                             # no squeue here: nothing can be running here
-  base = {i.split('_')[0] for i in ids}
-  return sorted({x.split('_')[0] for x in out.split()} & base)
-
-
-class Progress:
-  """One line per change on stderr: runs done, jobs running, runs left, elapsed and ETA."""
-
-  def __init__(self, sweep_dir: str, runs: list[Run]):
-    self.sweep_dir, self.left = sweep_dir, list(runs)
-    self.total, self.t0, self.last = len(runs), time.monotonic(), None
-    self.done_at_start = self.poll()
-
-  def poll(self) -> int:
-    self.left = [r for r in self.left if not sweep_plan.is_complete(self.sweep_dir, r)]
-    return self.total - len(self.left)
-
-  def show(self, running: int) -> None:
-    done = self.poll()
-    new = done - self.done_at_start
-    elapsed = time.monotonic() - self.t0
-    eta = '-' if new == 0 else _hms(elapsed / new * len(self.left))
-    line = (f'sweep: {done}/{self.total} runs done, {running} job(s) running, {len(self.left)} '
-            f'left; {_hms(elapsed)} elapsed, ETA {eta}')
-    if line.split(';')[0] != (self.last or '').split(';')[0]:
-      print(line, file=sys.stderr, flush=True)
-    self.last = line
-
-
-def _hms(s: float) -> str:
-  s = int(s)
-  return f'{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}'
-
-
-def local_gpus(sweep) -> list[str]:
-  """``config.executor.local_gpus`` as ids; raises on a malformed list."""
-  ids = [g.strip() for g in str(sweep.executor.local_gpus).split(',') if g.strip()]
-  if not ids or not all(g.isdigit() for g in ids) or len(set(ids)) != len(ids):
-    raise ValueError(f'--config.executor.local_gpus={sweep.executor.local_gpus!r}: give distinct '
-                     "GPU ids, e.g. '0' or '0,1,2,3'")
-  return ids
-
-
-def _executor(kind: str, sweep, sweep_dir: str):
-  import submitit
-  folder = os.path.join(sweep_dir, '.submitit', '%j')
-  if kind == 'local':
-    ex = submitit.LocalExecutor(folder=folder)
-    ex.update_parameters(timeout_min=int(sweep.executor.slurm.timeout_min))
-    return ex
-  sl = sweep.executor.slurm
-  ex = submitit.SlurmExecutor(folder=folder)
-  params = dict(time=int(sl.timeout_min), gpus_per_node=int(sl.gpus_per_task),
-                cpus_per_task=int(sl.cpus_per_task), mem=f'{int(sl.mem_gb)}G',
-                nodes=int(sl.nodes), ntasks_per_node=1, array_parallelism=int(sl.array_parallelism),
-                job_name=str(sweep.name))
-  for key in ('partition', 'account', 'qos'):
-    if str(sl[key]):
-      params[key] = str(sl[key])
-  ex.update_parameters(**params)
-  return ex
-
-
-def execute(kind: str, sweep, sweep_dir: str, jobs: list[list[Run]], progress: Progress) -> int:
-  """Runs (or, on Slurm, submits) the jobs; returns the exit status."""
-  sweep_dict = sweep.to_dict()
-  payload = [[r.to_dict() for r in job] for job in jobs]
-  if kind == 'inline':
-    for job in payload:
-      run_job(sweep_dir, sweep_dict, job)
-      progress.show(running=0)
-    return 0
-  os.environ['PYTHONPATH'] = os.pathsep.join(     # the jobs import launch.sweep from the repo
-      [_REPO] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p])
-  ex = _executor(kind, sweep, sweep_dir)
-  if kind == 'slurm':
-    submitted = ex.map_array(run_job, [sweep_dir] * len(payload), [sweep_dict] * len(payload),
-                             payload)
-    ids = [j.job_id for j in submitted]
-    sweep_plan.write_json_atomic(os.path.join(sweep_dir, SLURM_JOBS), dict(job_ids=ids))
-    print(f'submitted {len(ids)} Slurm job(s) ({ids[0].split("_")[0]}, an array); rerun this '
-          'command to resume what fails, then python -m launch.aggregate '
-          f'--sweep_dir={sweep_dir}', flush=True)
-    return 0
-  # One job per GPU id at a time; submitit sets the job's CUDA_VISIBLE_DEVICES to its id.
-  free = [int(g) for g in local_gpus(sweep)]
-  pending, running, failed, gpu_of = list(payload), [], [], {}
-  _RUNNING[:] = []
-  while pending or running:
-    while pending and free:
-      gpu = free.pop(0)
-      ex.update_parameters(gpus_per_node=1, visible_gpus=[gpu])
-      job = ex.submit(run_job, sweep_dir, sweep_dict, pending.pop(0))
-      running.append(job)
-      gpu_of[job.job_id] = gpu
-      _RUNNING[:] = running
-    time.sleep(0.5)
-    for j in [j for j in running if j.done()]:
-      running.remove(j)
-      free.append(gpu_of.pop(j.job_id))
-      try:
-        j.result()
-      except Exception as e:              # one job's failure does not stop the others
-        failed.append(j)
-        tail = str(e).strip().splitlines()[-1:] or ['?']
-        print(f'sweep: job {j.job_id} failed: {tail[0][:300]} (log: {j.paths.stderr})',
-              file=sys.stderr, flush=True)
-    _RUNNING[:] = running
-    progress.show(running=len(running))
-  return 1 if failed else 0
-
-
-_RUNNING: list = []     # local jobs in flight (the interrupt handler cancels them)
-_STATE: dict = {}
-
-
-def _interrupted() -> None:
-  """Stops the local jobs (they remove their partial runs), removes any staging folder left,
-  releases the lock and exits 130."""
-  for j in list(_RUNNING):
-    j.cancel(check=False)
-  deadline = time.monotonic() + 20
-  while any(not j.done() for j in _RUNNING) and time.monotonic() < deadline:
-    time.sleep(0.2)
-  for j in _RUNNING:
-    if not j.done() and j._process is not None:   # noqa: SLF001  (submitit has no kill API)
-      j._process.kill()
-  kvrun.discard_partial()
-  sweep_dir = _STATE.get('sweep_dir')
-  if sweep_dir:
-    sweep_plan.remove_partials(sweep_dir)
-    Lock(sweep_dir).release()
-  interrupts.exit_interrupted('interrupted; finished runs are kept; rerun the same command to '
-                              'resume')
-
-
 def dry_run(kind, sweep, sweep_dir, runs, jobs) -> str:
   done = sum(sweep_plan.is_complete(sweep_dir, r) for r in runs) if os.path.isdir(sweep_dir) else 0
   methods = list(dict.fromkeys(r.method for r in runs))
@@ -324,7 +86,8 @@ def dry_run(kind, sweep, sweep_dir, runs, jobs) -> str:
            f'  {len(jobs)} job(s) of {min(len(j) for j in jobs)}-{max(len(j) for j in jobs)} runs',
            f'  methods: {", ".join(methods)}']
   if kind == 'local':
-    lines.append(f'  local: one job at a time on each GPU id of {",".join(local_gpus(sweep))}')
+    gpus = ','.join(jobs_lib.local_gpus(sweep))
+    lines.append(f'  local: one job at a time on each GPU id of {gpus}')
   if kind == 'slurm':
     sl = sweep.executor.slurm
     lines.append(f'  slurm: array of {len(jobs)} (at most {sl.array_parallelism} at once), '
@@ -352,8 +115,8 @@ def main(argv) -> int:
     if kind not in EXECUTORS:
       raise ValueError(f'unknown executor {kind!r}; valid: {list(EXECUTORS)}')
     runs = sweep_plan.plan(sweep)
-    jobs = jobs_of(runs, int(sweep.executor.runs_per_job))
-    local_gpus(sweep)
+    jobs = jobs_lib.jobs_of(runs, int(sweep.executor.runs_per_job))
+    jobs_lib.local_gpus(sweep)
     sweep_plan.check_folder(sweep_dir, sweep, runs)
     validate(sweep, runs, sweep_dir)
   except cli.INPUT_ERRORS as e:
@@ -364,27 +127,27 @@ def main(argv) -> int:
   if kind == 'slurm' and not all(shutil.which(c) for c in ('sbatch', 'srun')):
     return cli.error('--executor=slurm needs Slurm (sbatch and srun on PATH); run on the '
                      "cluster's login node, or use --executor=local here")
-  pending = _slurm_pending(sweep_dir)
+  pending = jobs_lib.slurm_pending(sweep_dir)
   if pending:
     return cli.error(f'{sweep_dir}: Slurm job(s) {", ".join(pending)} of this sweep are '
                            'still queued or running; wait for them or scancel them first')
   os.makedirs(sweep_dir, exist_ok=True)
-  lock = Lock(sweep_dir)
+  lock = jobs_lib.Lock(sweep_dir)
   try:
     lock.acquire()
   except FileExistsError as e:
     return cli.error(e)
-  _STATE['sweep_dir'] = sweep_dir
+  jobs_lib.STATE['sweep_dir'] = sweep_dir
   try:
     corrupt = sweep_plan.prepare(sweep_dir, sweep, runs)
     for d in corrupt:
       print(f'sweep: {d} was corrupt or partial: removed, it is redone', file=sys.stderr)
-    progress = Progress(sweep_dir, runs)
+    progress = jobs_lib.Progress(sweep_dir, runs)
     todo = [[r for r in job if r in set(progress.left)] for job in jobs]
     todo = [j for j in todo if j]
     print(f'sweep: {len(runs)} runs ({progress.done_at_start} done), {len(todo)} job(s) to run '
           f'({kind}) -> {sweep_dir}', file=sys.stderr, flush=True)
-    status = execute(kind, sweep, sweep_dir, todo, progress) if todo else 0
+    status = jobs_lib.execute(kind, sweep, sweep_dir, todo, progress) if todo else 0
   finally:
     lock.release()
   if kind != 'slurm':
@@ -396,8 +159,8 @@ def main(argv) -> int:
 
 
 def run_main():
-  _STATE['main'] = True
-  interrupts.watch(_interrupted, 'kvjax-sweep-interrupts')
+  jobs_lib.STATE['main'] = True
+  interrupts.watch(jobs_lib.interrupted, 'kvjax-sweep-interrupts')
   app.run(main, flags_parser=cli.parse_flags)
 
 

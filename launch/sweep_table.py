@@ -2,8 +2,9 @@
 
 ``load_run`` reads one planned run's folder (result.json and curves.csv, docs/RESULTS.md) and says
 whether it is complete, missing or corrupt; ``build_table`` averages the complete runs of each
-method into ``COLUMNS`` the way ``NOTES`` states; ``markdown_table`` and ``fmt`` print them;
-``method_curves`` averages the per-frame curves. Used by launch/aggregate.py.
+method into ``COLUMNS`` the way ``NOTES`` states, with the VBench means of ``load_vbench``'s
+vbench.csv (launch/vbench_eval.py) when the folder has one; ``markdown_table`` and ``fmt`` print
+them; ``method_curves`` averages the per-frame curves. Used by launch/aggregate.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pandas as pd
 
 from kvjax import cache as kvcache
 from kvjax.metrics.frames import PSNR_CAP
+from launch import vbench_eval
 
 REFERENCE = kvcache.BF16.name
 REQUIRED = ('method', 'config', 'params', 'seed', 'frames', 'batch', 'latent_shape',
@@ -40,10 +42,20 @@ COLUMNS = (
     ('lpips_onset', 'LPIPS onset', '.4f'), ('psnr_last_window', 'last-window dB', '.2f'),
     ('psnr_slope', 'slope dB/frame', '+.3f'), ('psnr_vde', 'PSNR VDE', '.3f'),
     ('latent_psnr', 'latent PSNR dB', '.2f'),
+    ('vbench_runs', 'VBench runs', ''), ('imaging_quality', 'imaging', '.4f'),
+    ('aesthetic_quality', 'aesthetic', '.4f'), ('subject_consistency', 'subject cons.', '.4f'),
+    ('background_consistency', 'bg cons.', '.4f'),
+    ('drift_imaging_quality', 'drift imaging', '.4f'),
     ('paper_compression_ratio', 'paper ratio', '.4f'),
     ('paper_peak_vram_gib', 'paper peak GiB', '.2f'),
     ('paper_runtime_s', 'paper runtime s', '.1f'), ('paper_psnr', 'paper PSNR', '.2f'),
-    ('paper_ssim', 'paper SSIM', '.4f'), ('paper_lpips', 'paper LPIPS', '.4f'))
+    ('paper_ssim', 'paper SSIM', '.4f'), ('paper_lpips', 'paper LPIPS', '.4f'),
+    ('paper_imaging_quality', 'paper imaging', '.4f'),
+    ('paper_drift_imaging_quality', 'paper drift imaging', '.4f'))
+VBENCH = ('imaging_quality', 'aesthetic_quality', 'subject_consistency', 'background_consistency',
+          'drift_imaging_quality')
+"""vbench.csv's score columns (launch/vbench_eval.py) averaged per method when the file exists;
+with it, ``vbench_runs`` and (under the protocol) the paper's imaging and drift columns appear."""
 
 NOTES = (
     'Means are over runs (one video each), as the study averages over videos (its section 6.3); '
@@ -66,7 +78,17 @@ NOTES = (
     'rollout (reference.runtime_s, the second rollout of a process, or a stored one\'s time), '
     'which on CPU runs warmer and so reads faster.',
     'BF16 is the reference: its fidelity columns are blank (PSNR inf, SSIM 1, LPIPS 0 by '
-    'construction).')
+    'construction).',
+    'imaging, aesthetic, subject cons., bg cons. and drift imaging (present when the folder has '
+    'vbench.csv, from python -m launch.vbench_eval) are VBench scores in [0, 1] (imaging quality '
+    '/ 100), each run\'s the mean over its videos, then the mean over the method\'s complete runs '
+    'that vbench.csv scored (VBench runs = those of the complete ones; rerun launch.vbench_eval '
+    'when the sweep changes). drift imaging = imaging quality of each video\'s re-encoded prefix '
+    '(vbench.csv\'s drift_frames), the study\'s "drift_last", an end-of-video level, not a slope. '
+    'The paper imaging / drift columns (under the protocol) compare with ours: the same VBench '
+    'back-end (MUSIQ, longer preprocessing) on 165-frame 480x832 H.264 videos, ours encoded by '
+    'imageio-ffmpeg, the study\'s by torchvision; the study\'s MovieGen drift is the whole video '
+    '(the default), its StoryEval drift the first 150 frames (--drift_frames=150).')
 
 
 @dataclasses.dataclass
@@ -130,6 +152,24 @@ def load_run(sweep_dir: str, entry: dict) -> Run:
   return run
 
 
+def load_vbench(sweep_dir: str) -> tuple[pd.DataFrame | None, str]:
+  """(vbench.csv's rows, '') when the file exists and holds ``dir`` and ``VBENCH``'s columns that
+  it has; (None, '') without it; (None, why) when it is unreadable."""
+  path = os.path.join(sweep_dir, vbench_eval.CSV)
+  if not os.path.isfile(path):
+    return None, ''
+  try:
+    scores = pd.read_csv(path)
+  except (OSError, ValueError) as e:
+    return None, f'vbench.csv unreadable ({type(e).__name__})'
+  if 'dir' not in scores.columns:
+    return None, 'vbench.csv has no dir column'
+  bad = [c for c in VBENCH if c in scores.columns and not pd.api.types.is_numeric_dtype(scores[c])]
+  if bad:
+    return None, f'vbench.csv has non-numeric {", ".join(bad)}'
+  return scores, ''
+
+
 def _mean(values) -> float:
   v = [float(x) for x in values if x is not None and not np.isnan(x)]
   return float(np.mean(v)) if v else math.nan
@@ -157,8 +197,10 @@ def _bf16_time(run: Run, bf16: dict) -> float | None:
   return None
 
 
-def build_table(methods: list[str], runs: list[Run], paper: pd.DataFrame | None) -> pd.DataFrame:
-  """One row per method (``COLUMNS``); ``paper``: the published table to print beside ours."""
+def build_table(methods: list[str], runs: list[Run], paper: pd.DataFrame | None,
+                vbench: pd.DataFrame | None = None) -> pd.DataFrame:
+  """One row per method (``COLUMNS``); ``paper``: the published table to print beside ours;
+  ``vbench``: vbench.csv's rows (``load_vbench``), whose means become the ``VBENCH`` columns."""
   family = {d['name']: d['family'] for d in kvcache.describe()}
   bf16 = {(r.prompt_index, r.seed): r.result['runtime_s'] / r.result['batch']
           for r in runs if r.method == REFERENCE and r.status == 'ok'}
@@ -186,12 +228,20 @@ def build_table(methods: list[str], runs: list[Run], paper: pd.DataFrame | None)
                psnr_slope=_mean(_drift(x, 'slope') for x in res),
                psnr_vde=_mean(_drift(x, 'vde') for x in res),
                latent_psnr=psnr_mean(x.get('latent_psnr') for x in res))
+    if vbench is not None:
+      scored = vbench[vbench.dir.isin([r.dir for r in ok])]
+      row['vbench_runs'] = f'{scored.dir.nunique()}/{len(ok)}'
+      row.update({k: _mean(scored[k]) if k in scored else math.nan for k in VBENCH})
     if paper is not None:
       src = paper.loc[m] if m in paper.index else pd.Series(dtype=float)
-      for k in ('compression_ratio', 'peak_vram_gib', 'runtime_s', 'psnr', 'ssim', 'lpips'):
+      for k in ('compression_ratio', 'peak_vram_gib', 'runtime_s', 'psnr', 'ssim', 'lpips',
+                'imaging_quality'):
         row[f'paper_{k}'] = src.get(k, math.nan)
+      row['paper_drift_imaging_quality'] = src.get('drift_last_imaging_quality', math.nan)
     rows.append(row)
-  names = [c for c, _, _ in COLUMNS if paper is not None or not c.startswith('paper_')]
+  with_vbench = ('vbench_runs', *VBENCH, 'paper_imaging_quality', 'paper_drift_imaging_quality')
+  names = [c for c, _, _ in COLUMNS if (paper is not None or not c.startswith('paper_'))
+           and (vbench is not None or c not in with_vbench)]
   return pd.DataFrame(rows, columns=names)
 
 
