@@ -26,6 +26,7 @@ from kvjax import cache as kvcache
 from kvjax import checkpoint as ckpt
 from kvjax import kernels
 from kvjax import metrics
+from kvjax import files
 from kvjax import references
 from kvjax import runconfig
 from kvjax import video as video_io
@@ -550,12 +551,6 @@ def discard_partial() -> None:
     PARTIAL.discard(stage)
 
 
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
-
-
 def _write_atomic(outdir: str, result: dict, latents: np.ndarray, curves: dict,
                   artifacts: dict | None = None, video: np.ndarray | None = None,
                   inputs: dict | None = None, strip: list | None = None) -> None:
@@ -569,7 +564,7 @@ def _write_atomic(outdir: str, result: dict, latents: np.ndarray, curves: dict,
   stage = tempfile.mkdtemp(prefix=f'.{os.path.basename(outdir)}.partial-', dir=parent)
   PARTIAL.add(stage)
   try:
-    os.chmod(stage, 0o777 & ~_umask())
+    os.chmod(stage, 0o777 & ~files.umask())
     np.save(os.path.join(stage, 'latents.npy'), latents)
     pd.DataFrame(curves).to_csv(os.path.join(stage, 'curves.csv'), index=False)
     for name, obj in (artifacts or {}).items():

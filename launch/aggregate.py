@@ -38,6 +38,8 @@ import tempfile
 import pandas as pd
 from absl import app, flags
 
+from kvjax import cli
+from kvjax import files
 from kvjax import cache as kvcache
 from launch import plots, published, report
 from launch import sweep_table as st
@@ -48,7 +50,7 @@ flags.DEFINE_string('videos', None, 'Comma list of methods (names or aliases) wh
                     'by side in videos.mp4 and the report (default: BF16, best and worst SSIM).')
 FLAGS = flags.FLAGS
 
-EXIT_USAGE = 2
+EXIT_USAGE = cli.EXIT_USAGE
 MAX_LISTED = 20      # missing runs named in table.md (report.html names all)
 
 
@@ -56,17 +58,7 @@ class UsageError(Exception):
   """Bad input: reported as one ``error:`` line with exit status 2."""
 
 
-def write_text(path: str, text: str) -> None:
-  """Writes ``text`` to ``path`` through a temporary file beside it and a rename."""
-  fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', dir=os.path.dirname(path))
-  try:
-    with os.fdopen(fd, 'w') as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+write_text = files.write_text
 
 
 def read_sweep(sweep_dir: str | None) -> dict:
@@ -176,8 +168,7 @@ def run(sweep_dir: str | None, videos: str | None) -> int:
     methods = sweep_methods(sweep)
     chosen = parse_videos(videos, methods)
   except UsageError as e:
-    print(f'error: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
-    return EXIT_USAGE
+    return cli.error(e)
   runs = [st.load_run(sweep_dir, e) for e in sweep['runs']]
   for r in runs:
     if r.status == 'corrupt':
@@ -237,21 +228,11 @@ def run(sweep_dir: str | None, videos: str | None) -> int:
   return 0
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing; a bad flag is one ``error:`` line and exit status 2."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    sys.exit(EXIT_USAGE)
-
-
 def main(argv):
   if len(argv) > 1:
-    print(f'error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
-    return EXIT_USAGE
+    return cli.error(f'unexpected arguments: {" ".join(argv[1:])}')
   return run(FLAGS.sweep_dir, FLAGS.videos)
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -64,6 +64,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs.self_forcing import get_config  # noqa: E402
+from kvjax import files  # noqa: E402
 from kvjax import cache as kvcache  # noqa: E402
 from kvjax import checkpoint as ckpt  # noqa: E402
 from kvjax import metrics  # noqa: E402
@@ -227,19 +228,7 @@ def orderings(rows: list[dict]) -> list[str]:
   return out
 
 
-def write_atomic(path: str, text: str) -> None:
-  """Writes ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', dir=folder)
-  try:
-    with os.fdopen(fd, 'w') as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+write_atomic = files.write_text
 
 
 def _json_default(o):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 
 import matplotlib
 
@@ -19,6 +18,7 @@ from matplotlib import ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from kvjax import files  # noqa: E402
 from kvjax.metrics.frames import PSNR_CAP  # noqa: E402
 
 FAMILY_COLORS = dict(BF16='#000000', RTN='#1f77b4', KIVI='#ff7f0e', QUAROT='#2ca02c',
@@ -51,16 +51,11 @@ def styles(table: pd.DataFrame) -> dict[str, dict]:
 
 
 def _save(fig, path: str) -> str:
-  fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.png',
-                             dir=os.path.dirname(path))
-  os.close(fd)
   try:
-    fig.savefig(tmp, dpi=DPI, format='png')
-    os.replace(tmp, path)
+    with files.atomic_path(path) as tmp:
+      fig.savefig(tmp, dpi=DPI, format='png')
   finally:
     plt.close(fig)
-    if os.path.exists(tmp):
-      os.remove(tmp)
   return os.path.basename(path)
 
 

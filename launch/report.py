@@ -13,12 +13,12 @@ from __future__ import annotations
 import html
 import math
 import os
-import tempfile
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
+from kvjax import files
 from kvjax import video as video_io
 from launch import plots
 from launch.sweep_table import fmt
@@ -215,14 +215,8 @@ def write_video_grid(sweep_dir: str, runs: list, methods: list[str]) -> dict | N
   for i, key in enumerate(rows):
     grid[:, HEADER + i * th:HEADER + (i + 1) * th, :ROW_LABEL] = _label(
         f'p{key[0]:03d} s{key[1]}', (ROW_LABEL, th))
-  fd, tmp = tempfile.mkstemp(prefix='.videos.', suffix='.mp4', dir=sweep_dir)
-  os.close(fd)
-  try:
+  with files.atomic_path(os.path.join(sweep_dir, GRID_FILE)) as tmp:
     video_io.write_mp4(tmp, grid)
-    os.replace(tmp, os.path.join(sweep_dir, GRID_FILE))
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
   return dict(file=GRID_FILE, methods=cols, rows=[(k, prompts[k]) for k in rows],
               cells={k: p for k, p in cells.items() if k[1] in rows}, width=grid.shape[2],
               pixelated=max(widths) < TILE)

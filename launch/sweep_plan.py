@@ -27,6 +27,8 @@ from typing import Any
 import ml_collections
 
 from kvjax import cache as kvcache
+from kvjax import files
+from kvjax import references
 
 FORMAT = 1
 SWEEP_JSON = 'sweep.json'
@@ -124,10 +126,10 @@ def fingerprint(sweep: ml_collections.ConfigDict) -> str:
 def run_config(sweep: ml_collections.ConfigDict, run: Run,
                sweep_dir: str) -> ml_collections.ConfigDict:
   """The launcher config of one run: the sweep's run config with its method, prompt and seed,
-  and the sweep's shared reference store."""
+  and the sweep's reference store (``sweep.reference_dir``, else the folder's references/)."""
   c = ml_collections.ConfigDict(sweep.run.to_dict())
   c.method, c.prompt, c.prompts_file, c.seed = run.method, run.prompt, '', run.seed
-  c.reference_dir = os.path.join(sweep_dir, 'references')
+  c.reference_dir = str(sweep.reference_dir) or os.path.join(sweep_dir, 'references')
   return c
 
 
@@ -149,19 +151,7 @@ def sweep_json(sweep: ml_collections.ConfigDict, runs: list[Run]) -> dict[str, A
               runs=[r.to_dict() for r in runs])
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', dir=os.path.dirname(path))
-  try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(obj, f, indent=2, default=str)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)            # mkstemp's 0600 -> the user's umask
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+write_json_atomic = files.write_json
 
 
 def check_folder(sweep_dir: str, sweep: ml_collections.ConfigDict, runs: list[Run]) -> None:
@@ -190,6 +180,8 @@ def check_folder(sweep_dir: str, sweep: ml_collections.ConfigDict, runs: list[Ru
         raise ValueError(f'{sweep_dir} has prompt {r.prompt_index} = '
                          f'{prompts[r.prompt_index][:60]!r}, the prompts file gives '
                          f'{r.prompt[:60]!r}: another prompts file; use a new --outdir')
+  if str(sweep.reference_dir):         # a store shared between sweeps: usable before any work
+    references.check_dir(str(sweep.reference_dir))
   probe = sweep_dir
   while not os.path.exists(probe):
     probe = os.path.dirname(os.path.abspath(probe))

@@ -52,6 +52,8 @@ import numpy as np
 import pandas as pd
 from absl import app, flags
 
+from kvjax import cli
+from kvjax import files
 from kvjax import video as video_io
 from launch import sweep_plan
 
@@ -62,7 +64,7 @@ DRIFT = 'drift_imaging_quality'
 CSV = 'vbench.csv'
 KEYS = ('method', 'prompt_index', 'seed', 'dir', 'videos')
 """The identifying columns of vbench.csv, before the scores."""
-EXIT_USAGE = 2
+EXIT_USAGE = cli.EXIT_USAGE
 NOT_INSTALLED = ('VBench is not installed (pip install vbench; it needs a CUDA GPU and downloads '
                  'its weights)')
 
@@ -203,16 +205,9 @@ def _run_means(scores: Sequence[float], owner: np.ndarray, n: int, what: str) ->
 
 
 def write_csv(path: str, table: pd.DataFrame) -> None:
-  """Writes ``table`` to ``path`` through a temporary file beside it and a rename."""
-  fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', dir=os.path.dirname(path))
-  try:
-    with os.fdopen(fd, 'w') as f:
-      table.to_csv(f, index=False)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Writes ``table`` to ``path`` atomically."""
+  with files.atomic_path(path) as tmp:
+    table.to_csv(tmp, index=False)
 
 
 def run(sweep_dir: str | None, dimensions: str = ','.join(DIMENSIONS),
@@ -229,8 +224,7 @@ def run(sweep_dir: str | None, dimensions: str = ','.join(DIMENSIONS),
     if scorer is None:
       scorer = VBenchScorer(device)
   except UsageError as e:
-    print(f'error: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
-    return EXIT_USAGE
+    return cli.error(e)
   table, skipped = evaluate(sweep_dir, runs, dims, drift_frames, scorer)
   for s in skipped:
     print(f'vbench_eval: skipped {s}', file=sys.stderr, flush=True)
@@ -251,23 +245,13 @@ def define_flags() -> None:
   flags.DEFINE_string('device', 'cuda', 'torch device VBench runs on.')
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing; a bad flag is one ``error:`` line and exit status 2."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    sys.exit(EXIT_USAGE)
-
-
 def main(argv):
   if len(argv) > 1:
-    print(f'error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
-    return EXIT_USAGE
+    return cli.error(f'unexpected arguments: {" ".join(argv[1:])}')
   f = flags.FLAGS
   return run(f.sweep_dir, f.dimensions, f.drift_frames, device=f.device)
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -95,6 +95,9 @@ class TestPlan:
     assert (rc.method, rc.prompt, rc.seed, rc.prompts_file) == ('BF16', r.prompt, 1, '')
     assert rc.reference_dir == os.path.join(str(tmp_path), 'references')
     assert c.run.method == 'bf16' and c.run.prompt == ''     # the sweep's config is untouched
+    c.reference_dir = str(tmp_path / 'shared')                # a store shared between sweeps
+    assert sweep_plan.run_config(c, r, str(tmp_path)).reference_dir == str(tmp_path / 'shared')
+    assert sweep_plan.fingerprint(c) == sweep_plan.fingerprint(_cfg())
 
 
 class TestBadInput:

@@ -47,6 +47,8 @@ def get_config(arg: str = 'world') -> ml_collections.ConfigDict:
   c.prompts_file = WORLD_PROMPTS if arg == 'world' else ''   # one prompt per line
   c.num_prompts = 2 if arg == 'world' else 10                # the first N non-empty lines
   c.seed_offset = 0            # seed = seed_offset + prompt index (the study's rule)
+  c.reference_dir = ''         # BF16 references: '' = the sweep folder's references/; a path
+                               # shares one store between sweeps (keyed by every input)
   c.executor = ml_collections.ConfigDict(dict(
       kind='local',            # local (submitit, this machine) | slurm | inline (this process)
       local_gpus='0',          # local: GPU ids, one job on each at a time ('0,1,2,3': 4 at
