@@ -22,6 +22,7 @@ from launch.sweep_plan import Run
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCK = '.sweep.lock'
 SLURM_JOBS = 'slurm_jobs.json'
+CPU_SLOT = 'cpu'    # local_gpus on a machine without GPUs: one job at a time, no GPU
 
 
 def jobs_of(runs: list[Run], runs_per_job: int) -> list[list[Run]]:
@@ -153,12 +154,30 @@ def _hms(s: float) -> str:
   return f'{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}'
 
 
+def visible_gpus() -> list[str]:
+  """This machine's GPU ids without starting JAX here (the sweep process must not take GPU
+  memory): CUDA_VISIBLE_DEVICES when set, else ``nvidia-smi -L``'s count; [] without GPUs."""
+  env = os.environ.get('CUDA_VISIBLE_DEVICES')
+  if env is not None:
+    return [g.strip() for g in env.split(',') if g.strip()]
+  try:
+    out = subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True, timeout=60)
+  except (OSError, subprocess.TimeoutExpired):
+    return []
+  count = sum(line.startswith('GPU ') for line in out.stdout.splitlines())
+  return [str(i) for i in range(count)] if out.returncode == 0 else []
+
+
 def local_gpus(sweep) -> list[str]:
-  """``config.executor.local_gpus`` as ids; raises on a malformed list."""
-  ids = [g.strip() for g in str(sweep.executor.local_gpus).split(',') if g.strip()]
+  """``config.executor.local_gpus`` as ids ('auto': every visible GPU, or ['cpu'], one job at a
+  time with no GPU, on a machine without); raises on a malformed list."""
+  spec = str(sweep.executor.local_gpus).strip()
+  if spec == 'auto':
+    return visible_gpus() or [CPU_SLOT]
+  ids = [g.strip() for g in spec.split(',') if g.strip()]
   if not ids or not all(g.isdigit() for g in ids) or len(set(ids)) != len(ids):
     raise ValueError(f'--config.executor.local_gpus={sweep.executor.local_gpus!r}: give distinct '
-                     "GPU ids, e.g. '0' or '0,1,2,3'")
+                     "GPU ids, e.g. '0' or '0,1,2,3', or auto")
   return ids
 
 
@@ -204,13 +223,14 @@ def execute(kind: str, sweep, sweep_dir: str, jobs: list[list[Run]],
           f'--sweep_dir={sweep_dir}', flush=True)
     return 0
   # One job per GPU id at a time; submitit sets the job's CUDA_VISIBLE_DEVICES to its id.
-  free = [int(g) for g in local_gpus(sweep)]
+  free = local_gpus(sweep)
   pending, running, failed, gpu_of = list(payload), [], [], {}
   _RUNNING[:] = []
   while pending or running:
     while pending and free:
       gpu = free.pop(0)
-      ex.update_parameters(gpus_per_node=1, visible_gpus=[gpu])
+      ex.update_parameters(**(dict(gpus_per_node=0) if gpu == CPU_SLOT else
+                              dict(gpus_per_node=1, visible_gpus=[int(gpu)])))
       job = ex.submit(run_job, sweep_dir, sweep_dict, pending.pop(0))
       running.append(job)
       gpu_of[job.job_id] = gpu

@@ -228,6 +228,29 @@ def _stand_in(path, text):
   path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
+def test_local_jobs_spread_over_the_visible_gpus(tmp_path, monkeypatch):
+  """local_gpus=auto: every GPU nvidia-smi lists (or CUDA_VISIBLE_DEVICES names), one CPU slot on
+  a machine without GPUs; an explicit list wins."""
+  from launch import sweep_jobs
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  _stand_in(bin_dir / 'nvidia-smi', 'echo "GPU 0: NVIDIA H100 (UUID: a)"\n'
+                                    'echo "GPU 1: NVIDIA H100 (UUID: b)"\n')
+  monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)
+  monkeypatch.setenv('PATH', f'{bin_dir}{os.pathsep}{os.environ["PATH"]}')
+  c = _cfg()
+  assert sweep_jobs.local_gpus(c) == ['0', '1']
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '3,5')
+  assert sweep_jobs.local_gpus(c) == ['3', '5']
+  monkeypatch.setenv('PATH', str(tmp_path / 'empty'))
+  monkeypatch.delenv('CUDA_VISIBLE_DEVICES')
+  assert sweep_jobs.local_gpus(c) == ['cpu']             # no GPU: one job at a time
+  c.executor.local_gpus = '2,7'
+  assert sweep_jobs.local_gpus(c) == ['2', '7']
+  dry = _cli(f'--outdir={tmp_path}/s', '--dry_run', '--config.executor.local_gpus=2,7')
+  assert dry.returncode == 0 and 'each GPU id of 2,7' in dry.stdout
+
+
 def test_slurm_submission_through_stand_in_commands(tmp_path):
   """--executor=slurm writes one job array (GPUs, time, partition from the config) through
   sbatch, records the job ids, and a rerun refuses while squeue still lists them."""

@@ -51,8 +51,8 @@ def get_config(arg: str = 'world') -> ml_collections.ConfigDict:
                                # shares one store between sweeps (keyed by every input)
   c.executor = ml_collections.ConfigDict(dict(
       kind='local',            # local (submitit, this machine) | slurm | inline (this process)
-      local_gpus='0',          # local: GPU ids, one job on each at a time ('0,1,2,3': 4 at
-                               # once); on a CPU machine only their count matters
+      local_gpus='auto',       # local: GPU ids, one job on each at a time ('0,1,2,3': 4 at
+                               # once); auto = every visible GPU (one slot without GPUs)
       runs_per_job=0,          # 0: one job per method (its compiled steps reused); N: N runs
       slurm=dict(partition='', account='', qos='', gpus_per_task=1, cpus_per_task=8,
                  mem_gb=64, timeout_min=240, array_parallelism=32, nodes=1),
