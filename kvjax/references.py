@@ -106,7 +106,10 @@ def store(directory: str, key: str, latents: np.ndarray, info: dict,
       json.dump(dict(info, format=FORMAT, key=key, latents_sha256=_sha(lat)), f, indent=2,
                 default=str)
     if os.path.exists(final):
-      shutil.rmtree(final, ignore_errors=True)
+      if load(directory, key, lat.shape) is not None:   # another run stored it meanwhile
+        shutil.rmtree(stage, ignore_errors=True)
+        return final
+      shutil.rmtree(final, ignore_errors=True)          # a broken entry: replaced
     try:
       os.rename(stage, final)
     except OSError:

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import ml_collections
 import numpy as np
 
@@ -342,7 +343,9 @@ def _reference_key(s: RunSettings, params, noise, texts) -> tuple[str | None, di
                 frames=s.frames, height=s.height, width=s.width,
                 window_frames=s.spec.window_frames, sink_frames=s.spec.sink_frames,
                 impl=kernels.resolve_impl(s.impl), backend=jax.default_backend(),
-                device_kind=jax.devices()[0].device_kind)
+                device_kind=jax.devices()[0].device_kind, jax=jax.__version__,
+                jaxlib=jaxlib.__version__,
+                devices=sharding.num_shards(sharding.batch_mesh(s.batch)))
   return references.key_of(fields, params, (noise.initial, noise.renoise), texts), fields
 
 

@@ -14,11 +14,12 @@ videos) and ``report.html``. Nothing else is touched; rerunning rewrites them. W
 its VBench scores (an unreadable one is named on stderr and left out).
 
 A planned run without a folder is missing; a folder whose result.json is absent, not JSON, lacks
-a field of ``sweep_table.REQUIRED`` or names another method/seed, or that has no curves.csv, is
-corrupt: it is left out, named on stderr and in the report (the sweep redoes such folders). Each
-method row states its coverage (complete runs of the planned ones). Bad input (no sweep.json, not
-a sweep folder, an unwritable folder, an unknown method in --videos) is one line "error: ..." and
-exit status 2 before any work.
+a field of ``sweep_plan.RESULT_FIELDS``, names another method, seed or prompt, or has no
+curves.csv rows, is corrupt (``sweep_plan.run_problem``, the sweep's own test): it is left
+out, named on stderr and in the report (the sweep redoes such folders). Each method row states
+its coverage (complete runs of the planned ones). Bad input (no sweep.json, not a sweep folder,
+an unwritable folder, an unknown method in --videos) is one line "error: ..." and exit status 2
+before any work.
 
 Aggregation (``sweep_table.NOTES``): the study's way, means over runs (videos) of each run's
 value; peak memory is the maximum over runs. The published numbers (launch/published.py) are

@@ -24,11 +24,13 @@ fields in which a sweep departs from it; only a sweep without any may be printed
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
 import pandas as pd
 
+from kvjax import cache as kvcache
 from kvjax.world import codec
 
 INF = math.inf
@@ -187,7 +189,25 @@ def protocol_differences(config: dict, runs: list[tuple[dict, dict | None]]) -> 
                f'; the study: {PROTOCOL["window_frames"]} frames, no sinks)')
   if any(r.get('reference') is not None and 'video_ssim' not in r for r in results):
     out.append('fidelity (no decoded-video metrics in some runs: Wan runs need --wan_dir)')
+  dtypes = _distinct(results, lambda r: r.get('compute_dtype'))
+  if dtypes != ['bfloat16']:
+    out.append(f'dtype ({", ".join(map(str, dtypes))}; the study: bfloat16)')
+  kinds = _distinct([r for r in results if r.get('reference')], lambda r: r['reference']['kind'])
+  if kinds not in ([], ['bf16']):
+    out.append(f'reference ({", ".join(kinds)}; the study: its own BF16 rollout)')
+  changed = sorted({r['method'] for r in results if 'method_params' in r and
+                    r['method_params'] != _default_params(r['method'])})
+  if changed:
+    out.append(f'method parameters ({", ".join(changed)} not as the study ran them)')
   return out
+
+
+def _default_params(method: str) -> dict | None:
+  """The parameters ``method`` has without overrides (as the study ran it); None if unknown."""
+  try:
+    return json.loads(json.dumps(kvcache.get(method).params(), default=str))
+  except ValueError:
+    return None
 
 
 def table(name: str) -> pd.DataFrame:

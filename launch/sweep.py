@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 
+import jax
 from absl import app, flags, logging
 
 from kvjax import cli
@@ -62,7 +63,7 @@ def validate(sweep, runs: list[Run], sweep_dir: str) -> None:
     config = sweep_plan.run_config(sweep, r, sweep_dir)
     config.reference_dir = ''             # checked by check_folder; nothing is created here
     try:
-      kvrun.resolve(config)
+      s = kvrun.resolve(config)
     except Exception as e:
       if isinstance(e, scene.CaptionError):
         raise ValueError(f'prompt {r.prompt_index}: {e} (the world model reads its caption '
@@ -71,6 +72,10 @@ def validate(sweep, runs: list[Run], sweep_dir: str) -> None:
       if isinstance(e, cli.INPUT_ERRORS):
         raise type(e)(f'{r.method}, prompt {r.prompt_index}: {e}') from None
       raise
+    if s.method.name != r.method:       # e.g. run.method_args turning a method into another
+      raise ValueError(f'{r.method} with --config.run.method_args={sweep.run.method_args!r} is '
+                       f'{s.method.name}: its runs would never match the plan; list '
+                       f'{s.method.name} in --config.methods instead')
 
 
 def dry_run(kind, sweep, sweep_dir, runs, jobs) -> str:
@@ -90,7 +95,9 @@ def dry_run(kind, sweep, sweep_dir, runs, jobs) -> str:
     lines.append(f'  local: one job at a time on each GPU id of {gpus}')
   if kind == 'slurm':
     sl = sweep.executor.slurm
-    lines.append(f'  slurm: array of {len(jobs)} (at most {sl.array_parallelism} at once), '
+    head = 'the BF16 job, then ' if jobs[0][0].method == 'BF16' and len(jobs) > 1 else ''
+    n = len(jobs) - (1 if head else 0)
+    lines.append(f'  slurm: {head}an array of {n} (at most {sl.array_parallelism} at once), '
                  f'{sl.gpus_per_task} GPU(s), {sl.cpus_per_task} CPUs, {sl.mem_gb} GB, '
                  f'{sl.timeout_min} min each, partition {sl.partition or "(default)"}')
   for r in runs[:len(prompts)]:
@@ -111,6 +118,8 @@ def main(argv) -> int:
   except Exception as e:
     return cli.error(f'--config: {type(e).__name__}: {e}')
   kind = FLAGS.executor or str(sweep.executor.kind)
+  if kind != 'inline':     # this process only plans and checks: no GPU memory of its own
+    jax.config.update('jax_platforms', 'cpu')
   try:
     if kind not in EXECUTORS:
       raise ValueError(f'unknown executor {kind!r}; valid: {list(EXECUTORS)}')

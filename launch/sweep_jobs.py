@@ -3,6 +3,7 @@ the folder lock, the progress line and the interrupt cleanup (``launch.sweep`` i
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -20,7 +21,6 @@ from launch import sweep_plan
 from launch.sweep_plan import Run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LOCK = '.sweep.lock'
 SLURM_JOBS = 'slurm_jobs.json'
 CPU_SLOT = 'cpu'    # local_gpus on a machine without GPUs: one job at a time, no GPU
 
@@ -39,23 +39,32 @@ def jobs_of(runs: list[Run], runs_per_job: int) -> list[list[Run]]:
 
 def run_job(sweep_dir: str, sweep_dict: dict, runs: list[dict]) -> list[str]:
   """One job: each of ``runs`` not yet complete, in order (a job process, or inline). Returns
-  the folders it wrote. Ctrl-C / SIGINT (submitit's cancel) removes the run being written."""
+  the folders it wrote. A run that fails is reported and the job goes on to the next; the job
+  then fails naming them (a resume redoes them). Ctrl-C / SIGINT (submitit's cancel) removes the
+  run being written."""
   if not STATE.get('main'):           # a job process of its own (submitit)
     interrupts.watch(_job_interrupted, 'kvjax-sweep-job')
-  _init_distributed()
+  runs = runs[_init_distributed()]
   print(f'sweep job: CUDA_VISIBLE_DEVICES={os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)")}, '
         f'{len(runs)} run(s)', flush=True)
   sweep = ml_collections.ConfigDict(sweep_dict)
-  wrote = []
+  wrote, failed = [], []
   for d in runs:
     r = Run(d['method'], d['prompt_index'], d['prompt'], d['seed'])
     if sweep_plan.is_complete(sweep_dir, r):
       continue
     out = os.path.join(sweep_dir, r.dir)
     sweep_plan.remove(out)               # a corrupt folder (prepare removed those it saw)
-    s = kvrun.resolve(sweep_plan.run_config(sweep, r, sweep_dir), outdir=out)
-    kvrun.generate(s, progress=False)
+    try:
+      s = kvrun.resolve(sweep_plan.run_config(sweep, r, sweep_dir), outdir=out)
+      kvrun.generate(s, progress=False)
+    except Exception as e:               # noqa: BLE001  (the next run is independent)
+      failed.append(f'{r.dir}: {type(e).__name__}: {str(e).strip()[:200]}')
+      print(f'sweep job: {failed[-1]}', file=sys.stderr, flush=True)
+      continue
     wrote.append(r.dir)
+  if failed:
+    raise RuntimeError(f'{len(failed)} run(s) failed: ' + ' | '.join(failed))
   return wrote
 
 
@@ -64,50 +73,44 @@ def _job_interrupted() -> None:
   interrupts.exit_interrupted('job interrupted; its partial run removed')
 
 
-def _init_distributed() -> None:
-  """Multi-host jobs (Slurm with several tasks): ``jax.distributed`` reads the Slurm
-  environment. A single task needs nothing."""
+def _init_distributed() -> slice:
+  """Multi-host jobs (Slurm with several tasks, ``executor.slurm.nodes`` > 1): ``jax.distributed``
+  reads the Slurm environment, and each process takes every ``process_count``-th run of the job
+  on its own devices (a run fits one host; the batch mesh is local). One task: every run."""
   if int(os.environ.get('SLURM_NTASKS', '1')) > 1:
     jax.distributed.initialize()
+    return slice(jax.process_index(), None, jax.process_count())
+  return slice(None)
 
 
 class Lock:
   """``DIR/.sweep.lock``: one sweep process per folder (a second one would remove the first's
-  staging folders). A lock whose process is gone is taken over."""
+  staging folders). An exclusive ``flock`` on the open file: the kernel releases it when the
+  process dies, however it dies (on NFS, Linux maps it to a byte-range lock the server keeps),
+  so there is no stale lock to judge. The file stays; it names the last holder."""
 
   def __init__(self, sweep_dir: str):
-    self.path = os.path.join(sweep_dir, LOCK)
+    self.path = os.path.join(sweep_dir, sweep_plan.LOCK)
+    self._fd = None
 
   def acquire(self) -> None:
-    me = f'{socket.gethostname()} {os.getpid()}'
-    for _ in range(2):
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-      except FileExistsError:
-        host, _, pid = open(self.path).read().partition(' ')
-        if host == socket.gethostname() and pid.isdigit() and _alive(int(pid)):
-          raise FileExistsError(f'another sweep (pid {pid}) is running in '
-                                f'{os.path.dirname(self.path)}') from None
-        os.remove(self.path)              # its process is gone
-        continue
-      with os.fdopen(fd, 'w') as f:
-        f.write(me)
-      return
-    raise FileExistsError(f'cannot take the lock {self.path}')
+    fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.read(fd, 200).decode(errors='replace').strip() or 'another process'
+      os.close(fd)
+      raise FileExistsError(f'another sweep ({holder}) is running in '
+                            f'{os.path.dirname(self.path)}') from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f'{socket.gethostname()} pid {os.getpid()}'.encode())
+    self._fd = fd
 
   def release(self) -> None:
-    if os.path.exists(self.path):
-      os.remove(self.path)
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
+    if self._fd is not None:
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
 
 
 def slurm_pending(sweep_dir: str) -> list[str]:
@@ -115,12 +118,15 @@ def slurm_pending(sweep_dir: str) -> list[str]:
   path = os.path.join(sweep_dir, SLURM_JOBS)
   if not os.path.isfile(path):
     return []
-  ids = json.load(open(path))['job_ids']
+  with open(path) as f:
+    ids = json.load(f)['job_ids']
   try:
     out = subprocess.run(['squeue', '-h', '-o', '%i', '-j', ','.join(ids)], capture_output=True,
                          text=True, timeout=60).stdout
   except (OSError, subprocess.TimeoutExpired):
-    return []                             # no squeue here: nothing can be running here
+    raise FileExistsError(f'{sweep_dir} was submitted to Slurm ({SLURM_JOBS}) and squeue cannot '
+                          'be asked here whether its jobs still run; resume on the cluster, or '
+                          f'remove {SLURM_JOBS} once they are done') from None
   base = {i.split('_')[0] for i in ids}
   return sorted({x.split('_')[0] for x in out.split()} & base)
 
@@ -173,7 +179,11 @@ def local_gpus(sweep) -> list[str]:
   time with no GPU, on a machine without); raises on a malformed list."""
   spec = str(sweep.executor.local_gpus).strip()
   if spec == 'auto':
-    return visible_gpus() or [CPU_SLOT]
+    ids = visible_gpus() or [CPU_SLOT]
+    if ids != [CPU_SLOT] and not all(g.isdigit() for g in ids):
+      raise ValueError(f'CUDA_VISIBLE_DEVICES={",".join(ids)} names GPUs by UUID or MIG id; give '
+                       "their indices with --config.executor.local_gpus, e.g. '0,1'")
+    return ids
   ids = [g.strip() for g in spec.split(',') if g.strip()]
   if not ids or not all(g.isdigit() for g in ids) or len(set(ids)) != len(ids):
     raise ValueError(f'--config.executor.local_gpus={sweep.executor.local_gpus!r}: give distinct '
@@ -214,24 +224,37 @@ def execute(kind: str, sweep, sweep_dir: str, jobs: list[list[Run]],
       [REPO] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p])
   ex = _executor(kind, sweep, sweep_dir)
   if kind == 'slurm':
+    ids = []
+    if payload[0][0]['method'] == 'BF16' and len(payload) > 1:
+      # BF16 first; the array waits for it (afterany: its failure does not block the others),
+      # so every method reads the stored references instead of rolling BF16 out again.
+      ids.append(ex.submit(run_job, sweep_dir, sweep_dict, payload.pop(0)).job_id)
+      ex.update_parameters(additional_parameters=dict(dependency=f'afterany:{ids[0]}'))
     submitted = ex.map_array(run_job, [sweep_dir] * len(payload), [sweep_dict] * len(payload),
                              payload)
-    ids = [j.job_id for j in submitted]
+    ids += [j.job_id for j in submitted]
     sweep_plan.write_json_atomic(os.path.join(sweep_dir, SLURM_JOBS), dict(job_ids=ids))
-    print(f'submitted {len(ids)} Slurm job(s) ({ids[0].split("_")[0]}, an array); rerun this '
+    print(f'submitted {len(ids)} Slurm job(s) ({", ".join(sorted({i.split("_")[0] for i in ids}))}'
+          '); rerun this '
           'command to resume what fails, then python -m launch.aggregate '
           f'--sweep_dir={sweep_dir}', flush=True)
     return 0
   # One job per GPU id at a time; submitit sets the job's CUDA_VISIBLE_DEVICES to its id.
   free = local_gpus(sweep)
   pending, running, failed, gpu_of = list(payload), [], [], {}
+  # The BF16 job runs alone first: its rollouts become the stored references the other jobs read
+  # (started beside it, each would roll its own BF16 reference out).
+  bf16_first = bool(pending) and pending[0][0]['method'] == 'BF16'
+  bf16_job = None
   _RUNNING[:] = []
   while pending or running:
-    while pending and free:
+    while pending and free and (bf16_job is None or bf16_job.done()):
       gpu = free.pop(0)
       ex.update_parameters(**(dict(gpus_per_node=0) if gpu == CPU_SLOT else
                               dict(gpus_per_node=1, visible_gpus=[int(gpu)])))
       job = ex.submit(run_job, sweep_dir, sweep_dict, pending.pop(0))
+      if bf16_first and bf16_job is None:
+        bf16_job = job
       running.append(job)
       gpu_of[job.job_id] = gpu
       _RUNNING[:] = running

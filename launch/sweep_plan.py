@@ -16,6 +16,7 @@ can grow by methods or prompts in the same folder; a folder made by another conf
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import json
@@ -32,8 +33,14 @@ from kvjax import references
 
 FORMAT = 1
 SWEEP_JSON = 'sweep.json'
-RUN_FIELDS = ('method', 'seed', 'prompts', 'kv_cache_bytes', 'runtime_s')
-"""result.json fields every complete run folder has (the launcher writes them all)."""
+LOCK = '.sweep.lock'
+RESULT_FIELDS = ('method', 'config', 'params', 'seed', 'frames', 'batch', 'latent_shape',
+                 'kv_cache_bytes', 'bf16_kv_cache_bytes', 'compression_ratio', 'runtime_s',
+                 'peak_memory_bytes', 'reference', 'window_frames', 'sink_frames', 'prompts')
+"""result.json fields every complete run has (docs/RESULTS.md); a folder lacking one is corrupt."""
+NUMBERS = ('params', 'seed', 'frames', 'batch', 'kv_cache_bytes', 'bf16_kv_cache_bytes',
+           'compression_ratio', 'runtime_s', 'window_frames', 'sink_frames')
+"""The fields of ``RESULT_FIELDS`` that must be numbers."""
 
 # Run-config fields the sweep sets per run; they are not part of the fingerprint.
 _PER_RUN = ('method', 'seed', 'prompt', 'prompts_file', 'reference_dir')
@@ -133,21 +140,64 @@ def run_config(sweep: ml_collections.ConfigDict, run: Run,
   return c
 
 
-def is_complete(sweep_dir: str, run: Run) -> bool:
-  """The run's folder holds this run's complete result."""
+def _malformed(result: dict) -> list[str]:
+  bad = [k for k in NUMBERS
+         if isinstance(result[k], bool) or not isinstance(result[k], (int, float))]
+  shape = result['latent_shape']
+  if not isinstance(shape, list) or len(shape) != 5 or not all(isinstance(x, int) for x in shape):
+    bad.append('latent_shape')
+  if 'batch' not in bad and result['batch'] < 1:
+    bad.append('batch')
+  return bad
+
+
+def run_problem(sweep_dir: str, run: Run, rel_dir: str | None = None) -> str:
+  """Why ``run``'s folder (``rel_dir``, default ``run.dir``) does not hold its complete result
+  ('' when it does; 'missing' without a folder): the one definition the sweep (skip or redo),
+  the aggregate and the VBench evaluator (count) share."""
+  folder = os.path.join(sweep_dir, rel_dir or run.dir)
+  if not os.path.isdir(folder):
+    return 'missing'
   try:
-    with open(os.path.join(sweep_dir, run.dir, 'result.json')) as f:
+    with open(os.path.join(folder, 'result.json')) as f:
       r = json.load(f)
-  except (OSError, ValueError):
-    return False
-  return (isinstance(r, dict) and all(k in r for k in RUN_FIELDS) and r['method'] == run.method
-          and r['seed'] == run.seed and r['prompts'] == [run.prompt])
+  except FileNotFoundError:
+    return 'no result.json'
+  except (OSError, ValueError) as e:
+    return f'result.json is not JSON ({str(e)[:80]})'
+  lacking = [k for k in RESULT_FIELDS if k not in r] if isinstance(r, dict) else ['all']
+  if lacking:
+    return f'result.json lacks {", ".join(lacking)}'
+  if _malformed(r):
+    return f'result.json has malformed {", ".join(_malformed(r))}'
+  if (r['method'], r['seed'], r['prompts']) != (run.method, run.seed, [run.prompt]):
+    return (f'result.json is {r["method"]} seed {r["seed"]} prompt {str(r["prompts"])[:60]}, '
+            f'planned {run.method} seed {run.seed} prompt {run.prompt[:60]!r}')
+  try:
+    with open(os.path.join(folder, 'curves.csv'), newline='') as f:
+      rows = list(csv.reader(f))
+  except (OSError, ValueError, csv.Error) as e:
+    return f'curves.csv unreadable ({type(e).__name__})'
+  if len(rows) < 2:
+    return 'curves.csv has no rows'
+  return ''
 
 
-def sweep_json(sweep: ml_collections.ConfigDict, runs: list[Run]) -> dict[str, Any]:
-  """The content of sweep.json."""
+def is_complete(sweep_dir: str, run: Run) -> bool:
+  """The run's folder holds this run's complete result (``run_problem``)."""
+  return not run_problem(sweep_dir, run)
+
+
+def sweep_json(sweep: ml_collections.ConfigDict, runs: list[Run],
+               earlier: dict | None = None) -> dict[str, Any]:
+  """The content of sweep.json: the current plan's runs, and every prompt index any plan of the
+  folder used (``earlier``: the previous sweep.json), so a later plan cannot reuse an index for
+  another prompt after a narrower one."""
+  prompts = {int(k): v for k, v in (earlier or {}).get('prompts', {}).items()}
+  prompts.update({r.prompt_index: r.prompt for r in runs})
   return dict(format=FORMAT, config=sweep.to_dict(), fingerprint=fingerprint(sweep),
               methods=list(dict.fromkeys(r.method for r in runs)),
+              prompts={str(k): prompts[k] for k in sorted(prompts)},
               runs=[r.to_dict() for r in runs])
 
 
@@ -160,7 +210,11 @@ def check_folder(sweep_dir: str, sweep: ml_collections.ConfigDict, runs: list[Ru
   if os.path.exists(sweep_dir) and not os.path.isdir(sweep_dir):
     raise FileExistsError(f'--outdir {sweep_dir} exists and is not a folder')
   meta = os.path.join(sweep_dir, SWEEP_JSON)
-  if os.path.isdir(sweep_dir) and os.listdir(sweep_dir) and not os.path.isfile(meta):
+  # A sweep killed before its first sweep.json leaves only the lock and an empty runs/.
+  leftovers = [e for e in os.listdir(sweep_dir) if e != LOCK and not (
+      e == 'runs' and not os.listdir(os.path.join(sweep_dir, e)))] if os.path.isdir(
+          sweep_dir) else []
+  if leftovers and not os.path.isfile(meta):
     raise FileExistsError(f'--outdir {sweep_dir} is not empty and has no {SWEEP_JSON}: not a '
                           'sweep folder (choose a new or empty folder)')
   if os.path.isfile(meta):
@@ -174,7 +228,8 @@ def check_folder(sweep_dir: str, sweep: ml_collections.ConfigDict, runs: list[Ru
       raise ValueError(f'{sweep_dir} was made by another sweep config (run config or seed rule '
                        'differ); use a new --outdir or the config it was made with '
                        f'({SWEEP_JSON} holds it)')
-    prompts = {r['prompt_index']: r['prompt'] for r in old_runs}
+    prompts = {int(k): v for k, v in old.get('prompts', {}).items()}
+    prompts.update({r['prompt_index']: r['prompt'] for r in old_runs})
     for r in runs:
       if prompts.get(r.prompt_index, r.prompt) != r.prompt:
         raise ValueError(f'{sweep_dir} has prompt {r.prompt_index} = '
@@ -200,8 +255,10 @@ def remove(path: str) -> None:
 
 
 def remove_partials(sweep_dir: str) -> None:
-  """Removes the staging folders (``.<name>.partial-*``) of writers that were killed."""
-  for root, dirs, _ in os.walk(sweep_dir):
+  """Removes the staging folders (``.<name>.partial-*``) of killed run writers under runs/ (the
+  sweep's lock is held, so none is alive). A reference store, which other sweeps may share, is
+  left alone: its staging folders are hidden and never read."""
+  for root, dirs, _ in os.walk(os.path.join(sweep_dir, 'runs')):
     for d in list(dirs):
       if '.partial-' in d:
         shutil.rmtree(os.path.join(root, d), ignore_errors=True)
@@ -212,7 +269,14 @@ def prepare(sweep_dir: str, sweep: ml_collections.ConfigDict, runs: list[Run]) -
   """Writes sweep.json, removes staging folders of killed writers and corrupt run folders;
   returns the removed corrupt folders (relative). Call with the sweep's lock held."""
   os.makedirs(os.path.join(sweep_dir, 'runs'), exist_ok=True)
-  write_json_atomic(os.path.join(sweep_dir, SWEEP_JSON), sweep_json(sweep, runs))
+  meta = os.path.join(sweep_dir, SWEEP_JSON)
+  earlier = None
+  try:                                # check_folder refused an unreadable one before
+    with open(meta) as f:
+      earlier = json.load(f)
+  except (OSError, ValueError):
+    pass
+  write_json_atomic(meta, sweep_json(sweep, runs, earlier))
   remove_partials(sweep_dir)
   corrupt = []
   for r in runs:

@@ -19,16 +19,9 @@ import pandas as pd
 
 from kvjax import cache as kvcache
 from kvjax.metrics.frames import PSNR_CAP
-from launch import vbench_eval
+from launch import sweep_plan, vbench_eval
 
 REFERENCE = kvcache.BF16.name
-REQUIRED = ('method', 'config', 'params', 'seed', 'frames', 'batch', 'latent_shape',
-            'kv_cache_bytes', 'bf16_kv_cache_bytes', 'compression_ratio', 'runtime_s',
-            'peak_memory_bytes', 'reference', 'window_frames', 'sink_frames')
-"""result.json fields every run has (docs/RESULTS.md); a folder lacking one is corrupt."""
-NUMBERS = ('params', 'seed', 'frames', 'batch', 'kv_cache_bytes', 'bf16_kv_cache_bytes',
-           'compression_ratio', 'runtime_s', 'window_frames', 'sink_frames')
-"""The fields of ``REQUIRED`` that must be numbers (else the folder is corrupt too)."""
 
 # (column, markdown/html header, format); the paper_* columns appear only under the protocol.
 COLUMNS = (
@@ -105,50 +98,26 @@ class Run:
   curves: pd.DataFrame | None = None
 
 
-def _malformed(result: dict) -> list[str]:
-  """The fields of ``REQUIRED`` that do not hold what docs/RESULTS.md says."""
-  bad = [k for k in NUMBERS
-         if isinstance(result[k], bool) or not isinstance(result[k], (int, float))]
-  shape = result['latent_shape']
-  if not isinstance(shape, list) or len(shape) != 5 or not all(isinstance(x, int) for x in shape):
-    bad.append('latent_shape')
-  if 'batch' not in bad and result['batch'] < 1:
-    bad.append('batch')
-  return bad
-
-
 def load_run(sweep_dir: str, entry: dict) -> Run:
   """The planned run ``entry`` with its folder's result and curves (or why it has none)."""
   run = Run(entry['method'], entry['prompt_index'], entry.get('prompt', ''), entry['seed'],
             entry['dir'])
   folder = os.path.join(sweep_dir, run.dir)
-  if not os.path.isdir(folder):
+  problem = sweep_plan.run_problem(
+      sweep_dir, sweep_plan.Run(run.method, run.prompt_index, run.prompt, run.seed), run.dir)
+  if problem == 'missing':
     return run
-  run.status = 'corrupt'
+  run.status, run.problem = 'corrupt', problem
+  if problem:
+    return run
+  with open(os.path.join(folder, 'result.json')) as f:
+    result = json.load(f)
   try:
-    with open(os.path.join(folder, 'result.json')) as f:
-      result = json.load(f)
-  except FileNotFoundError:
-    run.problem = 'no result.json'
-    return run
+    run.curves = pd.read_csv(os.path.join(folder, 'curves.csv'))
   except (OSError, ValueError) as e:
-    run.problem = f'result.json is not JSON ({str(e)[:80]})'
+    run.problem = f'curves.csv unreadable ({type(e).__name__})'
     return run
-  lacking = [k for k in REQUIRED if k not in result] if isinstance(result, dict) else ['all']
-  if lacking:
-    run.problem = f'result.json lacks {", ".join(lacking)}'
-  elif _malformed(result):
-    run.problem = f'result.json has malformed {", ".join(_malformed(result))}'
-  elif result['method'] != run.method or result['seed'] != run.seed:
-    run.problem = (f'result.json is {result["method"]} seed {result["seed"]}, planned '
-                   f'{run.method} seed {run.seed}')
-  else:
-    try:
-      run.curves = pd.read_csv(os.path.join(folder, 'curves.csv'))
-    except (OSError, ValueError) as e:
-      run.problem = f'curves.csv unreadable ({type(e).__name__})'
-  if not run.problem:
-    run.status, run.result = 'ok', result
+  run.status, run.result = 'ok', result
   return run
 
 

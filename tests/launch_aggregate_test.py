@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from configs.self_forcing import get_config
+from kvjax import cache as kvcache
 from kvjax import run, runconfig
 from kvjax import video as video_io
 from configs.sweeps import study
@@ -168,10 +169,18 @@ def test_unwritable_folder_and_videos_not_in_sweep(sweep, monkeypatch, capsys):
 def test_protocol_match_and_psnr_rule():
   res = dict(config='wan2.1_t2v_1.3b_long', params=1_418_996_800, checkpoint='ckpt',
              latent_shape=[1, 42, 16, 60, 104], frames=42, window_frames=21, sink_frames=0,
-             reference=dict(kind='bf16'), video_ssim=0.5)
+             reference=dict(kind='bf16'), video_ssim=0.5, compute_dtype='bfloat16',
+             method='RTN_INT4', method_params=kvcache.get('RTN_INT4').params())
   config = dict(prompts_file='prompts/MovieGenVideoBench_extended.txt')
   runs = [(dict(method='RTN_INT4', prompt_index=i, seed=i), res) for i in range(10)]
   assert published.protocol_differences(config, runs) == []
+  # What changes numbers besides the geometry: the dtype, the reference, the method's arguments.
+  for change, phrase in ((dict(compute_dtype='float32'), 'dtype (float32'),
+                         (dict(reference=dict(kind='torch')), 'reference (torch'),
+                         (dict(method_params=dict(res['method_params'], group_size=64)),
+                          'method parameters (RTN_INT4')):
+    got = published.protocol_differences(config, [(r, dict(x, **change)) for r, x in runs])
+    assert len(got) == 1 and got[0].startswith(phrase), got
   shifted = [(dict(r, seed=r['seed'] + 1), x) for r, x in runs]
   assert published.protocol_differences(config, shifted) == ['seeds (seed != prompt index in '
                                                              '10 of 10 runs)']
@@ -185,18 +194,22 @@ def test_run_folders_are_classified(sweep, tmp_path):
   root, _ = sweep
   good = json.loads((root / 'runs/BF16/p000_s0/result.json').read_text())
   cases = dict(lacks={k: v for k, v in good.items() if k != 'runtime_s'},
-               other=dict(good, method='RTN_INT4'), malformed=dict(good, batch='1'))
+               other=dict(good, method='RTN_INT4'), malformed=dict(good, batch='1'),
+               prompt=dict(good, prompts=['a blue square bouncing on a yellow background']),
+               good=good)
   for name, result in cases.items():
     shutil.copytree(root / 'runs/BF16/p000_s0', tmp_path / name)
     (tmp_path / name / 'result.json').write_text(json.dumps(result))
   (tmp_path / 'empty').mkdir()
-  entry = dict(method='BF16', prompt_index=0, seed=0)
+  entry = dict(method='BF16', prompt_index=0, seed=0, prompt=good['prompts'][0])
   got = {d: st.load_run(str(tmp_path), dict(entry, dir=d))
-         for d in ('lacks', 'other', 'malformed', 'empty', 'absent')}
+         for d in ('lacks', 'other', 'malformed', 'prompt', 'good', 'empty', 'absent')}
+  assert got.pop('good').status == 'ok'
+  assert got.pop('prompt').problem.startswith('result.json is BF16 seed 0 prompt')
   assert {d: r.status for d, r in got.items()} == dict(
       lacks='corrupt', other='corrupt', malformed='corrupt', empty='corrupt', absent='missing')
   assert got['lacks'].problem == 'result.json lacks runtime_s'
-  assert got['other'].problem == 'result.json is RTN_INT4 seed 0, planned BF16 seed 0'
+  assert got['other'].problem.startswith('result.json is RTN_INT4 seed 0 prompt')
   assert got['malformed'].problem == 'result.json has malformed batch'
   assert got['empty'].problem == 'no result.json' and got['absent'].result is None
   assert st.load_run(str(root), dict(entry, dir='runs/BF16/p000_s0')).status == 'ok'

@@ -15,7 +15,7 @@ import pytest
 
 from configs.sweeps import study
 from kvjax import cache as kvcache
-from launch import sweep_plan
+from launch import sweep_jobs, sweep_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = 'BF16,RTN_INT4,KIVI_INT2'
@@ -176,7 +176,10 @@ def test_killed_twice_resumed_and_aggregated(tmp_path):
   err = p.communicate(timeout=120)[1]
   assert p.returncode == 130, err[-2000:]
   assert err.strip().splitlines()[-1].startswith('interrupted; finished runs are kept')
-  assert _partials(out) == [] and not (out / '.sweep.lock').exists()
+  assert _partials(out) == []
+  lock = sweep_jobs.Lock(str(out))           # released: the next sweep can take it
+  lock.acquire()
+  lock.release()
   first = {r.dir for r in done()}
   assert first and len(first) < len(runs)
 
@@ -231,7 +234,6 @@ def _stand_in(path, text):
 def test_local_jobs_spread_over_the_visible_gpus(tmp_path, monkeypatch):
   """local_gpus=auto: every GPU nvidia-smi lists (or CUDA_VISIBLE_DEVICES names), one CPU slot on
   a machine without GPUs; an explicit list wins."""
-  from launch import sweep_jobs
   bin_dir = tmp_path / 'bin'
   bin_dir.mkdir()
   _stand_in(bin_dir / 'nvidia-smi', 'echo "GPU 0: NVIDIA H100 (UUID: a)"\n'
@@ -267,13 +269,58 @@ def test_slurm_submission_through_stand_in_commands(tmp_path):
   bare = _cli(*flags)                     # no Slurm on this machine: one line, no folder
   assert bare.returncode == 2 and 'needs Slurm' in bare.stderr and not out.exists()
   dry = _cli(*flags, '--dry_run', env=env)
-  assert dry.returncode == 0 and 'slurm: array of 3' in dry.stdout and not out.exists()
+  assert dry.returncode == 0 and 'slurm: the BF16 job, then an array of 2' in dry.stdout
+  assert not out.exists()
   p = _cli(*flags, env=env)
   assert p.returncode == 0, p.stderr[-2000:]
   script = log.read_text()
-  for line in ('#SBATCH --array=0-2%3', '#SBATCH --gpus-per-node=1', '#SBATCH --time=90',
+  # The BF16 job first, then the array of the other methods after it.
+  assert script.count('#SBATCH --gpus-per-node=1') == 2
+  for line in ('#SBATCH --array=0-1%2', '#SBATCH --dependency=afterany:4242', '#SBATCH --time=90',
                '#SBATCH --partition=gpu', '#SBATCH --cpus-per-task=8'):
     assert line in script, line
+  assert script.index('--dependency') > script.index('#!/bin/bash', 1)   # on the array only
   assert json.loads((out / 'slurm_jobs.json').read_text())['job_ids'][0].startswith('4242')
   again = _cli(*flags, env=env)
   assert again.returncode == 2 and 'still queued or running' in again.stderr
+
+
+def test_lock_prompts_memory_and_failed_runs(tmp_path, monkeypatch):
+  """The folder lock excludes a second holder and frees on release; a narrower plan does not
+  make the folder forget its earlier prompts; a failed run does not stop its job's next one."""
+  held = sweep_jobs.Lock(str(tmp_path))
+  held.acquire()
+  with pytest.raises(FileExistsError, match=r'another sweep \(.* pid \d+\) is running'):
+    sweep_jobs.Lock(str(tmp_path)).acquire()
+  held.release()
+  sweep_jobs.Lock(str(tmp_path)).acquire()
+
+  f = tmp_path / 'p.txt'
+  f.write_text('a red square bouncing on a white background\n'
+               'a blue triangle bouncing on a red background\n')
+  wide = _cfg(methods='BF16', num_prompts=2, prompts_file=str(f))
+  sweep_plan.prepare(str(tmp_path / 's'), wide, sweep_plan.plan(wide))
+  narrow = _cfg(methods='BF16', num_prompts=1, prompts_file=str(f))
+  sweep_plan.prepare(str(tmp_path / 's'), narrow, sweep_plan.plan(narrow))
+  g = tmp_path / 'q.txt'
+  g.write_text('a red square bouncing on a white background\n'
+               'a green circle bouncing on a black background\n')
+  other = _cfg(methods='BF16', num_prompts=2, prompts_file=str(g))
+  with pytest.raises(ValueError, match='has prompt 1 = .*another prompts file'):
+    sweep_plan.check_folder(str(tmp_path / 's'), other, sweep_plan.plan(other))
+
+  tried = []
+
+  def generate(s, progress):
+    tried.append(os.path.basename(s))
+    if s.endswith('p000_s0'):
+      raise FloatingPointError('NaN latents')
+
+  monkeypatch.setattr(sweep_jobs.kvrun, 'resolve', lambda config, outdir: outdir)
+  monkeypatch.setattr(sweep_jobs.kvrun, 'generate', generate)
+  monkeypatch.setitem(sweep_jobs.STATE, 'main', True)
+  with pytest.raises(RuntimeError, match=r'1 run\(s\) failed: runs/BF16/p000_s0: '
+                                         r'FloatingPointError: NaN latents'):
+    sweep_jobs.run_job(str(tmp_path / 's'), wide.to_dict(),
+                       [r.to_dict() for r in sweep_plan.plan(wide)])
+  assert tried == ['p000_s0', 'p001_s1']
