@@ -28,7 +28,7 @@ inputs. Any field can be overridden on the command line, e.g. ``--config.method=
 import ml_collections
 
 from kvjax import references
-from kvjax.model import sizes
+from kvjax.model import WanConfig, sizes
 from kvjax.world import bundle
 
 # (num_latent_frames, latent_height, latent_width, window_frames, sink_frames)
@@ -75,16 +75,10 @@ def get_config(arg: str = DEFAULT_VARIANT) -> ml_collections.ConfigDict:
   c.text_states = ''
   c.free_text_encoder = True      # drop the text encoder from device memory before the DiT runs
 
-  c.model = ml_collections.ConfigDict(dict(
-      **sizes.get(model_name),
-      freq_dim=256,
-      patch_size=(1, 2, 2),
-      eps=1e-6,
-      rope_theta=10000.0,
-      rope_max_frames=1024,
-      param_dtype='bfloat16' if full else 'float32',
-      compute_dtype='bfloat16',
-  ))
+  # Every model field: the size table's, the rest WanConfig's defaults (written once, there).
+  c.model = ml_collections.ConfigDict(WanConfig(
+      **sizes.get(model_name), param_dtype='bfloat16' if full else 'float32',
+      compute_dtype='bfloat16').to_dict())
 
   c.sampler = ml_collections.ConfigDict(dict(
       denoising_steps=(1000, 750, 500, 250),

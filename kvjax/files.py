@@ -1,6 +1,6 @@
 """Atomic file writes: a file appears complete or not at all (a reader, a killed writer).
 
-``atomic_path`` yields a temporary name beside the target; when the block succeeds the file gets
+``writable_root`` probes that folders can be created where output will go; ``atomic_path`` yields a temporary name beside the target; when the block succeeds the file gets
 the user's umask (``mkstemp`` creates it 0600) and is renamed over the target, on any error or
 interrupt it is removed. ``umask()`` reads the process umask without changing it.
 """
@@ -36,6 +36,19 @@ def atomic_path(path: str) -> Iterator[str]:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def writable_root(path: str) -> str:
+  """The nearest existing folder at or above ``path`` after checking that folders can be
+  created in it (a real probe: permission bits say nothing for root or read-only mounts).
+  Raises OSError (its ``strerror`` says why); NotADirectoryError when that ancestor is a file."""
+  root = os.path.abspath(path)
+  while not os.path.exists(root):
+    root = os.path.dirname(root)
+  if not os.path.isdir(root):
+    raise NotADirectoryError(20, 'not a folder', root)
+  os.rmdir(tempfile.mkdtemp(prefix='.kvjax-probe-', dir=root))
+  return root
 
 
 def write_text(path: str, text: str) -> None:

@@ -35,6 +35,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from kvjax import files
+
 DEFAULT_DIR = os.path.join('runs', 'references')
 FORMAT = 'kvjax.reference.v1'
 
@@ -59,7 +61,7 @@ def check_dir(directory: str) -> None:
   """Raises (one line) unless folders can be created in ``directory`` (created if missing)."""
   try:
     os.makedirs(directory, exist_ok=True)
-    os.rmdir(tempfile.mkdtemp(prefix='.kvjax-probe-', dir=directory))
+    files.writable_root(directory)
   except OSError as e:
     raise PermissionError(f'--reference_dir {directory}: cannot store references there '
                           f'({e.strerror})') from None

@@ -112,22 +112,19 @@ def _check_outdir(outdir: str | None) -> None:
       raise FileExistsError(f'--outdir {outdir} exists and is not empty; refusing to overwrite '
                             'a previous result (choose a new directory or remove it)')
   parent = os.path.dirname(os.path.abspath(outdir))
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent):
-    raise FileExistsError(f'--outdir {outdir}: {parent} is a file, not a folder')
-  try:                 # a real probe: permission bits say nothing for root or read-only mounts
-    os.rmdir(tempfile.mkdtemp(prefix='.kvjax-probe-', dir=parent))
+  try:
+    files.writable_root(parent)
+  except NotADirectoryError as e:
+    raise FileExistsError(f'--outdir {outdir}: {e.filename} is a file, not a folder') from None
   except OSError as e:
     raise PermissionError(f'--outdir {outdir}: cannot create folders in {parent} '
                           f'({e.strerror})') from None
 
 
-RUN_FIELDS = ('seed', 'weight_seed', 'method', 'method_args', 'impl', 'reference',
-              'reference_dir', 'checkpoint', 'wan_dir', 'prompt', 'prompts_file', 'noise_file',
-              'text_states', 'free_text_encoder')
+RUN_FIELDS = ('weight_seed',
+              *(f.path for f in runconfig.FLAG_FIELDS.values() if '.' not in f.path))
 """Top-level fields every run config has (configs/self_forcing.py), besides model, sampler,
-video and cache."""
+video and cache: those the launcher's flags set, and the seed of random weights."""
 
 
 def resolve(config: ml_collections.ConfigDict, outdir: str | None = None) -> RunSettings:

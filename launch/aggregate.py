@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 
 import pandas as pd
 from absl import app, flags
@@ -59,7 +58,6 @@ class UsageError(Exception):
   """Bad input: reported as one ``error:`` line with exit status 2."""
 
 
-write_text = files.write_text
 
 
 def read_sweep(sweep_dir: str | None) -> dict:
@@ -83,12 +81,8 @@ def read_sweep(sweep_dir: str | None) -> dict:
   for i, r in enumerate(sweep['runs']):
     if not isinstance(r, dict) or any(not isinstance(r.get(k), t) for k, t in kinds.items()):
       raise UsageError(f'{path}: runs[{i}] is not a run (needs method, prompt_index, seed, dir)')
-  if not os.access(sweep_dir, os.W_OK | os.X_OK):
-    raise UsageError(f'cannot write into {sweep_dir}')
   try:
-    fd, probe = tempfile.mkstemp(prefix='.aggregate-probe.', dir=sweep_dir)
-    os.close(fd)
-    os.remove(probe)
+    files.writable_root(sweep_dir)
   except OSError as e:
     raise UsageError(f'cannot write into {sweep_dir} ({e.strerror})') from None
   return sweep
@@ -187,7 +181,7 @@ def run(sweep_dir: str | None, videos: str | None) -> int:
   if problem:
     print(f'aggregate: {problem} (left out; rerun launch.vbench_eval)', file=sys.stderr, flush=True)
   table = st.build_table(methods, runs, paper, vbench)
-  write_text(os.path.join(sweep_dir, 'table.csv'), table.to_csv(index=False, na_rep=''))
+  files.write_text(os.path.join(sweep_dir, 'table.csv'), table.to_csv(index=False, na_rep=''))
 
   if diffs:
     protocol = ('The protocol differs from the study\'s (1.3B weights, 480x832, 42 latent frames, '
@@ -210,7 +204,7 @@ def run(sweep_dir: str | None, videos: str | None) -> int:
   if diffs:
     lines += ['', '## Published numbers (reference only: the protocol differs)',
               *published_markdown(published_frames(methods, bench))]
-  write_text(os.path.join(sweep_dir, 'table.md'), '\n'.join(lines) + '\n')
+  files.write_text(os.path.join(sweep_dir, 'table.md'), '\n'.join(lines) + '\n')
 
   curves = st.method_curves(runs)
   on_cpu = table.peak_memory_gib.isna().all()
@@ -223,7 +217,7 @@ def run(sweep_dir: str | None, videos: str | None) -> int:
       matches=not diffs, published=published_frames(methods, bench) if diffs else [],
       images=images, grid=grid, missing=[r.dir for r in missing], corrupt=corrupt,
       notes=st.NOTES)
-  write_text(os.path.join(sweep_dir, 'report.html'), page)
+  files.write_text(os.path.join(sweep_dir, 'report.html'), page)
   print(f'wrote {sweep_dir}/: table.csv, table.md, {", ".join(images)}'
         f'{", " + grid["file"] if grid else ""}, report.html')
   return 0

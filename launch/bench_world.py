@@ -228,7 +228,6 @@ def orderings(rows: list[dict]) -> list[str]:
   return out
 
 
-write_atomic = files.write_text
 
 
 def _json_default(o):
@@ -323,10 +322,10 @@ def main(argv=None) -> dict:
   text = '\n'.join(lines)
   print(text)
   if args.out:
-    write_atomic(args.out, text + '\n')
+    files.write_text(args.out, text + '\n')
   raw = dict(meta=meta, rows=rows)
   if args.json:
-    write_atomic(args.json, json.dumps(raw, indent=2, default=_json_default) + '\n')
+    files.write_text(args.json, json.dumps(raw, indent=2, default=_json_default) + '\n')
   return raw
 
 

@@ -15,6 +15,7 @@ import jax
 import ml_collections
 import submitit
 
+from kvjax import files
 from kvjax import interrupts
 from kvjax import run as kvrun
 from launch import sweep_plan
@@ -233,7 +234,7 @@ def execute(kind: str, sweep, sweep_dir: str, jobs: list[list[Run]],
     submitted = ex.map_array(run_job, [sweep_dir] * len(payload), [sweep_dict] * len(payload),
                              payload)
     ids += [j.job_id for j in submitted]
-    sweep_plan.write_json_atomic(os.path.join(sweep_dir, SLURM_JOBS), dict(job_ids=ids))
+    files.write_json(os.path.join(sweep_dir, SLURM_JOBS), dict(job_ids=ids))
     print(f'submitted {len(ids)} Slurm job(s) ({", ".join(sorted({i.split("_")[0] for i in ids}))}'
           '); rerun this '
           'command to resume what fails, then python -m launch.aggregate '

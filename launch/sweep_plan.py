@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from typing import Any
 
 import ml_collections
@@ -30,6 +29,7 @@ import ml_collections
 from kvjax import cache as kvcache
 from kvjax import files
 from kvjax import references
+from kvjax import wan_dir
 
 FORMAT = 1
 SWEEP_JSON = 'sweep.json'
@@ -91,18 +91,9 @@ def read_prompts(path: str, count: int) -> list[str]:
   if not path:
     raise ValueError('--config.prompts_file is not set: give a file with one prompt per line '
                      '(README.md says where the study\'s suites come from)')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'prompts file not found: {path}')
   if count < 1:
     raise ValueError(f'--config.num_prompts must be >= 1 (got {count})')
-  try:
-    with open(path, encoding='utf-8') as f:
-      lines = [x.strip() for x in f]
-  except UnicodeDecodeError:
-    raise ValueError(f'prompts file {path} is not UTF-8 text') from None
-  prompts = [x for x in lines if x]
-  if not prompts:
-    raise ValueError(f'prompts file {path} has no prompt (every line is empty)')
+  prompts = wan_dir.read_prompts(None, path)     # the launcher's reader: missing, empty, UTF-8
   if len(prompts) < count:
     raise ValueError(f'prompts file {path} has {len(prompts)} prompt(s), fewer than '
                      f'--config.num_prompts={count}')
@@ -201,7 +192,6 @@ def sweep_json(sweep: ml_collections.ConfigDict, runs: list[Run],
               runs=[r.to_dict() for r in runs])
 
 
-write_json_atomic = files.write_json
 
 
 def check_folder(sweep_dir: str, sweep: ml_collections.ConfigDict, runs: list[Run]) -> None:
@@ -237,13 +227,11 @@ def check_folder(sweep_dir: str, sweep: ml_collections.ConfigDict, runs: list[Ru
                          f'{r.prompt[:60]!r}: another prompts file; use a new --outdir')
   if str(sweep.reference_dir):         # a store shared between sweeps: usable before any work
     references.check_dir(str(sweep.reference_dir))
-  probe = sweep_dir
-  while not os.path.exists(probe):
-    probe = os.path.dirname(os.path.abspath(probe))
   try:
-    os.rmdir(tempfile.mkdtemp(prefix='.kvjax-probe-', dir=probe))
+    files.writable_root(sweep_dir)
   except OSError as e:
-    raise PermissionError(f'--outdir {sweep_dir}: cannot write in {probe} ({e.strerror})') from None
+    raise PermissionError(f'--outdir {sweep_dir}: cannot write in {e.filename or sweep_dir} '
+                          f'({e.strerror})') from None
 
 
 def remove(path: str) -> None:
@@ -276,7 +264,7 @@ def prepare(sweep_dir: str, sweep: ml_collections.ConfigDict, runs: list[Run]) -
       earlier = json.load(f)
   except (OSError, ValueError):
     pass
-  write_json_atomic(meta, sweep_json(sweep, runs, earlier))
+  files.write_json(meta, sweep_json(sweep, runs, earlier))
   remove_partials(sweep_dir)
   corrupt = []
   for r in runs:

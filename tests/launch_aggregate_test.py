@@ -17,6 +17,7 @@ from PIL import Image
 
 from configs.self_forcing import get_config
 from kvjax import cache as kvcache
+from kvjax import files
 from kvjax import run, runconfig
 from kvjax import video as video_io
 from configs.sweeps import study
@@ -55,7 +56,7 @@ def sweep(tmp_path_factory):
   c.methods, c.prompts_file, c.num_prompts = ','.join(METHODS), str(root / 'prompts.txt'), 3
   plan = {r.dir: r for r in sweep_plan.plan(c)}      # the entries: 8 of its 9 runs
   planned = [plan[e['dir']] for e in entries]
-  sweep_plan.write_json_atomic(str(root / 'sweep.json'), sweep_plan.sweep_json(c, planned))
+  files.write_json(str(root / 'sweep.json'), sweep_plan.sweep_json(c, planned))
   err = io.StringIO()
   with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
     assert aggregate.run(str(root), None) == 0
@@ -159,11 +160,16 @@ def test_bad_input_is_one_error_line(sweep, tmp_path, case):
 def test_unwritable_folder_and_videos_not_in_sweep(sweep, monkeypatch, capsys):
   root, _ = sweep
   assert aggregate.run(str(root), 'qvg_int2') == 2                  # a method, not this sweep's
-  monkeypatch.setattr(aggregate.os, 'access', lambda *a: False)
+
+
+  def read_only(*args, **kwargs):                 # what a read-only mount answers
+    raise OSError(30, 'Read-only file system')
+
+  monkeypatch.setattr(files.tempfile, 'mkdtemp', read_only)
   assert aggregate.run(str(root), None) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert err == ['error: --videos: QVG_INT2 is not a method of this sweep (BF16, RTN_INT4, '
-                 'KIVI_INT2)', f'error: cannot write into {root}']
+                 'KIVI_INT2)', f'error: cannot write into {root} (Read-only file system)']
 
 
 def test_protocol_match_and_psnr_rule():

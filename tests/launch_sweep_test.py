@@ -61,7 +61,7 @@ class TestPlan:
     with pytest.raises(ValueError, match='fewer than'):
       sweep_plan.read_prompts(str(f), 4)
     (tmp_path / 'e.txt').write_text('\n \n')
-    with pytest.raises(ValueError, match='no prompt'):
+    with pytest.raises(ValueError, match='holds no prompt'):
       sweep_plan.read_prompts(str(tmp_path / 'e.txt'), 1)
     with pytest.raises(FileNotFoundError, match='not found'):
       sweep_plan.read_prompts(str(tmp_path / 'none.txt'), 1)
@@ -106,7 +106,7 @@ class TestBadInput:
   @pytest.mark.parametrize('name,args,phrase', [
       ('unknown_method', ['--config.methods=BF16,RTN_INT5'], "unknown cache method 'RTN_INT5'"),
       ('missing_prompts', ['--config.prompts_file={tmp}/none.txt'], 'prompts file not found'),
-      ('empty_prompts', ['--config.prompts_file={tmp}/empty.txt'], 'has no prompt'),
+      ('empty_prompts', ['--config.prompts_file={tmp}/empty.txt'], 'holds no prompt'),
       ('bad_caption', ['--config.prompts_file={tmp}/moviegen.txt'], 'prompt 0: unknown word'),
       ('not_a_sweep', ['--outdir={tmp}/foreign'], 'not a sweep folder'),
       ('unwritable', ['--outdir={tmp}/afile/sweep'], 'cannot write'),
