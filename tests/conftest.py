@@ -15,7 +15,7 @@ from configs.self_forcing import get_config
 from kvjax import checkpoint as ckpt
 from kvjax import references
 from kvjax.model import WanConfig
-from kvjax.sampler import SamplerConfig
+from kvjax.sampler import SamplerConfig, clear_compile_cache
 
 
 def pytest_addoption(parser):
@@ -77,3 +77,20 @@ def _reference_store(tmp_path_factory):
   references.DEFAULT_DIR = str(tmp_path_factory.mktemp('references'))
   yield
   references.DEFAULT_DIR = default
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _release_compiled_code():
+  """Drops every compiled executable after each test module.
+
+  JAX keeps what it compiles (eager ops per shape, each jit's specialisations) for the life of the
+  process, and XLA:CPU maps each executable's code into its own memory regions (about 6 per
+  executable, measured). Without this, an xdist worker reached 60,534 mappings by the end of the
+  suite; Linux refuses mmap beyond vm.max_map_count (65,530 by default), and XLA aborts the
+  worker inside a compilation when that happens (CI lost a worker so). Modules share few executables, so clearing costs
+  little recompilation. The sampler's own store of compiled steps (bounded, see
+  ``kvjax/sampler/rollout.py``) is emptied too.
+  """
+  yield
+  jax.clear_caches()
+  clear_compile_cache()

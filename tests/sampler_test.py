@@ -6,6 +6,8 @@ global attention, a rolling window, and a window with sink frames. (c) Negative 
 wrong mask and the wrong RoPE frame offset both break the equality.
 """
 
+import collections
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from flax import nnx
 from kvjax import cache as kvcache
 from kvjax import checkpoint as ckpt
 from kvjax.model import WanDiT
+from kvjax.sampler import rollout
 from kvjax.sampler import (Noise, SamplerConfig, SelfForcing, clear_compile_cache, frame_mask,
                            load_noise, make_noise,
                            reference_rollout, schedule, shifted_grid, validate_noise)
@@ -163,6 +166,34 @@ def test_method_hooks_select_the_step_functions(cfg32, sampler_cfg):
   assert steps(kvcache.get('native')) == (1.5, base | {'feature', 'rel_l1'})
   assert steps(kvcache.get('native', reuse_threshold=0.0)) == (0.0, base)
   assert steps(kvcache.get('rtn_int4', requantize='every_call')) == (0.0, base)
+
+
+def test_compiled_steps_are_bounded_least_recently_used_first(monkeypatch):
+  """The process-wide store of compiled steps keeps at most MAX_COMPILED, evicting the least
+  recently used; a hit compiles nothing (an unbounded store made a process running many methods
+  grow by ~560 memory mappings a method, towards the kernel's limit)."""
+  monkeypatch.setattr(rollout, '_COMPILED', collections.OrderedDict())
+  monkeypatch.setattr(rollout, 'MAX_COMPILED', 4)
+  lowered = []
+
+  class Lowered:
+    def __init__(self, key):
+      self.key = key
+
+    def compile(self):
+      lowered.append(self.key)
+      return ('exe', self.key)
+
+  def get(key):
+    return rollout._compiled(key, lambda: Lowered(key))
+
+  for k in range(4):
+    assert get(k) == ('exe', k)
+  assert get(0) == ('exe', 0) and lowered == [0, 1, 2, 3]   # a hit: 0 becomes the most recent
+  get(4)                                                   # evicts 1, the least recently used
+  assert list(rollout._COMPILED) == [2, 3, 0, 4]
+  get(1)                                                   # compiled again, evicting 2
+  assert lowered == [0, 1, 2, 3, 4, 1] and list(rollout._COMPILED) == [3, 0, 4, 1]
 
 
 def test_flowcache_native_reuses_one_step_a_block_at_1_5_and_none_at_0_1(cfg32, params32,

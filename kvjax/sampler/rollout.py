@@ -23,6 +23,7 @@ noisy calls as well as the context pass.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from typing import Any, Callable
@@ -43,13 +44,31 @@ f32 = jnp.float32
 
 
 # Compiled step functions shared by every SelfForcing of the process, keyed by (step, geometry)
-# or, for the steps that read the cache, (step, geometry, method, spec, impl).
-_COMPILED: dict[Any, dict[str, Any]] = {}
+# or, for the steps that read the cache, (step, geometry, method, spec, impl); least recently used
+# first. Bounded: a process that runs many methods in turn (an inline sweep, a benchmark over the
+# 33 rows) would otherwise keep every method's executables, and XLA:CPU maps each one's code into
+# memory regions of its own (~500-1,500 mappings a method on the world model, measured), until
+# Linux's vm.max_map_count (65,530) makes XLA abort inside a compilation. A run needs at most 9
+# (5 method-free steps, its method's 2 and the BF16 reference's 2); a SelfForcing keeps its own
+# after they are evicted here.
+_COMPILED: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+MAX_COMPILED = 16
 
 
 def clear_compile_cache() -> None:
   """Forgets compiled step functions (tests that patch model code call this)."""
   _COMPILED.clear()
+
+
+def _compiled(key, lower: Callable[[], Any]) -> Any:
+  """The compiled step of ``key``: reused if compiled before, else ``lower().compile()``."""
+  if key in _COMPILED:
+    _COMPILED.move_to_end(key)
+  else:
+    _COMPILED[key] = lower().compile()
+    while len(_COMPILED) > MAX_COMPILED:
+      _COMPILED.popitem(last=False)
+  return _COMPILED[key]
 
 
 @dataclasses.dataclass
@@ -232,9 +251,7 @@ class SelfForcing:
     for name, lower in self._lowerers(abstract, text_len, text_dim).items():
       key = (name, shared) if name in self._METHOD_FREE else (
           name, shared, self.method, self.spec, self.impl)
-      if key not in _COMPILED:
-        _COMPILED[key] = lower().compile()
-      compiled[name] = _COMPILED[key]
+      compiled[name] = _compiled(key, lower)
     self._compiled = compiled
     return time.perf_counter() - t0
 

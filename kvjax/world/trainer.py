@@ -129,6 +129,8 @@ def export(config, models: train.Models, workdir: str, directory: str, info: dic
 
 
 def _manager(workdir: str) -> ocp.CheckpointManager:
+  """The work folder's checkpoint manager; use it in ``with`` (closing waits for pending writes
+  and releases orbax's handlers, also when the block raises)."""
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'ckpt'),
                                options=ocp.CheckpointManagerOptions(max_to_keep=2))
 
@@ -141,12 +143,12 @@ def _fresh(models: train.Models, config) -> dict:
 
 
 def _restore(models: train.Models, config, workdir: str, step: int | None = None) -> dict:
-  mngr = _manager(workdir)
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'{workdir}: no checkpoint to restore')
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _fresh(models, config))
-  return mngr.restore(step, args=ocp.args.StandardRestore(target))
+  with _manager(workdir) as mngr:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'{workdir}: no checkpoint to restore')
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _fresh(models, config))
+    return mngr.restore(step, args=ocp.args.StandardRestore(target))
 
 
 def fit(config, models: train.Models, workdir: str, progress: bool = False) -> dict:
@@ -160,10 +162,9 @@ def fit(config, models: train.Models, workdir: str, progress: bool = False) -> d
   state = _fresh(models, config)
   log = dict(loss=[], eval=[], wall_s=0.0)
   workdir = os.path.abspath(workdir)
-  mngr = _manager(workdir)
-  start = 0
-  if mngr.latest_step() is not None:
-    start = mngr.latest_step()
+  with _manager(workdir) as mngr:
+    start = mngr.latest_step() or 0
+  if start:
     state = _restore(models, config, workdir, start)
     with open(os.path.join(workdir, 'log.json')) as f:
       log = json.load(f)
@@ -180,36 +181,29 @@ def fit(config, models: train.Models, workdir: str, progress: bool = False) -> d
                           for i, b in enumerate(held)]))
 
   def checkpoint(step):
-    mngr.save(step, args=ocp.args.StandardSave(state))
-    mngr.wait_until_finished()
+    with _manager(workdir) as mngr:             # closing waits for the write
+      mngr.save(step, args=ocp.args.StandardSave(state))
     _write_json(os.path.join(workdir, 'log.json'), log)
     plot_loss(log, os.path.join(workdir, 'loss.png'))
 
-  bar = None
-  if progress:
-    bar = Progress(TextColumn('train'), BarColumn(), MofNCompleteColumn(),
-                   TextColumn('loss {task.fields[loss]:.4f}'), TimeElapsedColumn(),
-                   TimeRemainingColumn())
-    bar.start()
-    task = bar.add_task('train', total=tc.steps, completed=start, loss=float('nan'))
   t0 = time.perf_counter() - log['wall_s']
-  for step in range(start, tc.steps):
-    p, o, loss = step_fn(state['params'], state['opt'],
-                         *batch_of(config, tc.seed, step, tc.batch_size),
-                         jax.random.fold_in(base, step))
-    state = dict(params=p, opt=o)
-    log['loss'].append(float(loss))
-    done = step + 1
-    if bar is not None:
+  with Progress(TextColumn('train'), BarColumn(), MofNCompleteColumn(),
+                TextColumn('loss {task.fields[loss]:.4f}'), TimeElapsedColumn(),
+                TimeRemainingColumn(), disable=not progress) as bar:
+    task = bar.add_task('train', total=tc.steps, completed=start, loss=float('nan'))
+    for step in range(start, tc.steps):
+      p, o, loss = step_fn(state['params'], state['opt'],
+                           *batch_of(config, tc.seed, step, tc.batch_size),
+                           jax.random.fold_in(base, step))
+      state = dict(params=p, opt=o)
+      log['loss'].append(float(loss))
+      done = step + 1
       bar.update(task, completed=done, loss=float(np.mean(log['loss'][-20:])))
-    if done % tc.eval_every == 0 or done == tc.steps:
-      log['eval'].append((done, held_out_loss(state['params'])))
-    if done % tc.ckpt_every == 0 or done == tc.steps:
-      log['wall_s'] = time.perf_counter() - t0
-      checkpoint(done)
-  if bar is not None:
-    bar.stop()
-  mngr.close()
+      if done % tc.eval_every == 0 or done == tc.steps:
+        log['eval'].append((done, held_out_loss(state['params'])))
+      if done % tc.ckpt_every == 0 or done == tc.steps:
+        log['wall_s'] = time.perf_counter() - t0
+        checkpoint(done)
   return dict(steps=tc.steps, seed=tc.seed, wall_s=round(log['wall_s'], 1),
               final_loss_50=round(float(np.mean(log['loss'][-50:])), 5),
               held_out_loss=round(log['eval'][-1][1], 5) if log['eval'] else None)

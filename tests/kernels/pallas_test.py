@@ -309,6 +309,11 @@ FAST_COMPILE = {'xla_backend_optimization_level': 0}
 _COMPILED = {}
 
 
+def teardown_module():
+  """The module's executables go with it (see tests/conftest.py: the memory-mapping limit)."""
+  _COMPILED.clear()
+
+
 def run_compiled(fn, *args, key=None):
   """fn(*args) through a jit compiled with FAST_COMPILE, cached by ``key`` and the args' types."""
   leaves, tree = jax.tree.flatten(args)

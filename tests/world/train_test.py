@@ -118,10 +118,10 @@ def test_resume_is_exact(trained, tmp_path):
   want = trainer._restore(models, c, str(work))['params']
   copy = tmp_path / 'copy'
   shutil.copytree(work, copy)
-  mngr = trainer._manager(str(copy))          # as if the run had been killed after step 20
-  mngr.delete(STEPS)
-  mngr.close()
-  assert trainer._manager(str(copy)).latest_step() == 20
+  with trainer._manager(str(copy)) as mngr:  # as if the run had been killed after step 20
+    mngr.delete(STEPS)
+  with trainer._manager(str(copy)) as mngr:
+    assert mngr.latest_step() == 20
   trainer.fit(c, models, str(copy))
   got = trainer._restore(models, c, str(copy))['params']
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
