@@ -84,12 +84,12 @@ def _release_compiled_code():
   """Drops every compiled executable after each test module.
 
   JAX keeps what it compiles (eager ops per shape, each jit's specialisations) for the life of the
-  process, and XLA:CPU maps each executable's code into its own memory regions (about 6 per
+  process, and XLA:CPU maps each executable's code into memory regions of its own (3 or more per
   executable, measured). Without this, an xdist worker reached 60,534 mappings by the end of the
-  suite; Linux refuses mmap beyond vm.max_map_count (65,530 by default), and XLA aborts the
-  worker inside a compilation when that happens (CI lost a worker so). Modules share few executables, so clearing costs
-  little recompilation. The sampler's own store of compiled steps (bounded, see
-  ``kvjax/sampler/rollout.py``) is emptied too.
+  suite. Linux refuses mmap beyond vm.max_map_count (65,530 by default); XLA then logs "LLVM
+  compilation error: Cannot allocate memory" and the worker dies inside a compilation (CI lost a
+  worker so). Modules share few executables, so clearing costs little recompilation. The
+  sampler's own store of compiled steps (bounded, see ``kvjax/sampler/rollout.py``) is emptied too.
   """
   yield
   jax.clear_caches()

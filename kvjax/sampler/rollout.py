@@ -48,7 +48,7 @@ f32 = jnp.float32
 # first. Bounded: a process that runs many methods in turn (an inline sweep, a benchmark over the
 # 33 rows) would otherwise keep every method's executables, and XLA:CPU maps each one's code into
 # memory regions of its own (~500-1,500 mappings a method on the world model, measured), until
-# Linux's vm.max_map_count (65,530) makes XLA abort inside a compilation. A run needs at most 9
+# Linux's vm.max_map_count (65,530) kills the process inside a compilation. A run needs at most 9
 # (5 method-free steps, its method's 2 and the BF16 reference's 2); a SelfForcing keeps its own
 # after they are evicted here.
 _COMPILED: collections.OrderedDict[Any, Any] = collections.OrderedDict()
