@@ -58,9 +58,9 @@ def key_of(fields: dict[str, Any], params, noise, texts) -> str:
 
 
 def check_dir(directory: str) -> None:
-  """Raises (one line) unless folders can be created in ``directory`` (created if missing)."""
+  """Raises (one line) unless ``directory`` exists or can be created, and is writable; creates
+  nothing (``store`` creates it)."""
   try:
-    os.makedirs(directory, exist_ok=True)
     files.writable_root(directory)
   except OSError as e:
     raise PermissionError(f'--reference_dir {directory}: cannot store references there '

@@ -50,14 +50,11 @@ flags.DEFINE_string('videos', None, 'Comma list of methods (names or aliases) wh
                     'by side in videos.mp4 and the report (default: BF16, best and worst SSIM).')
 FLAGS = flags.FLAGS
 
-EXIT_USAGE = cli.EXIT_USAGE
 MAX_LISTED = 20      # missing runs named in table.md (report.html names all)
 
 
 class UsageError(Exception):
   """Bad input: reported as one ``error:`` line with exit status 2."""
-
-
 
 
 def read_sweep(sweep_dir: str | None) -> dict:
@@ -77,10 +74,10 @@ def read_sweep(sweep_dir: str | None) -> dict:
   if not isinstance(sweep, dict) or not isinstance(sweep.get('config'), dict) \
      or not isinstance(sweep.get('runs'), list):
     raise UsageError(f'{path} is not a sweep file (needs "config" and "runs")')
-  kinds = dict(method=str, prompt_index=int, seed=int, dir=str)
+  kinds = dict(method=str, prompt_index=int, prompt=str, seed=int, dir=str)
   for i, r in enumerate(sweep['runs']):
     if not isinstance(r, dict) or any(not isinstance(r.get(k), t) for k, t in kinds.items()):
-      raise UsageError(f'{path}: runs[{i}] is not a run (needs method, prompt_index, seed, dir)')
+      raise UsageError(f'{path}: runs[{i}] is not a run (needs {", ".join(kinds)})')
   try:
     files.writable_root(sweep_dir)
   except OSError as e:

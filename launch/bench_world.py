@@ -228,8 +228,6 @@ def orderings(rows: list[dict]) -> list[str]:
   return out
 
 
-
-
 def _json_default(o):
   if isinstance(o, (np.floating, np.integer, np.bool_)):
     return o.item()

@@ -136,7 +136,10 @@ def main(argv) -> int:
   if kind == 'slurm' and not all(shutil.which(c) for c in ('sbatch', 'srun')):
     return cli.error('--executor=slurm needs Slurm (sbatch and srun on PATH); run on the '
                      "cluster's login node, or use --executor=local here")
-  pending = jobs_lib.slurm_pending(sweep_dir)
+  try:
+    pending = jobs_lib.slurm_pending(sweep_dir)
+  except cli.INPUT_ERRORS as e:
+    return cli.error(e)
   if pending:
     return cli.error(f'{sweep_dir}: Slurm job(s) {", ".join(pending)} of this sweep are '
                            'still queued or running; wait for them or scancel them first')

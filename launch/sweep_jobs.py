@@ -119,8 +119,12 @@ def slurm_pending(sweep_dir: str) -> list[str]:
   path = os.path.join(sweep_dir, SLURM_JOBS)
   if not os.path.isfile(path):
     return []
-  with open(path) as f:
-    ids = json.load(f)['job_ids']
+  try:
+    with open(path) as f:
+      ids = [str(i) for i in json.load(f)['job_ids']]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(f'{path} is unreadable ({type(e).__name__}); if its jobs are done, remove '
+                     'it and rerun') from None
   try:
     out = subprocess.run(['squeue', '-h', '-o', '%i', '-j', ','.join(ids)], capture_output=True,
                          text=True, timeout=60).stdout
@@ -293,7 +297,6 @@ def interrupted() -> None:
   kvrun.discard_partial()
   sweep_dir = STATE.get('sweep_dir')
   if sweep_dir:
-    sweep_plan.remove_partials(sweep_dir)
-    Lock(sweep_dir).release()
+    sweep_plan.remove_partials(sweep_dir)      # the lock goes with this process
   interrupts.exit_interrupted('interrupted; finished runs are kept; rerun the same command to '
                               'resume')

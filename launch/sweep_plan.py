@@ -159,8 +159,9 @@ def run_problem(sweep_dir: str, run: Run, rel_dir: str | None = None) -> str:
   lacking = [k for k in RESULT_FIELDS if k not in r] if isinstance(r, dict) else ['all']
   if lacking:
     return f'result.json lacks {", ".join(lacking)}'
-  if _malformed(r):
-    return f'result.json has malformed {", ".join(_malformed(r))}'
+  malformed = _malformed(r)
+  if malformed:
+    return f'result.json has malformed {", ".join(malformed)}'
   if (r['method'], r['seed'], r['prompts']) != (run.method, run.seed, [run.prompt]):
     return (f'result.json is {r["method"]} seed {r["seed"]} prompt {str(r["prompts"])[:60]}, '
             f'planned {run.method} seed {run.seed} prompt {run.prompt[:60]!r}')
@@ -184,7 +185,7 @@ def sweep_json(sweep: ml_collections.ConfigDict, runs: list[Run],
   """The content of sweep.json: the current plan's runs, and every prompt index any plan of the
   folder used (``earlier``: the previous sweep.json), so a later plan cannot reuse an index for
   another prompt after a narrower one."""
-  prompts = {int(k): v for k, v in (earlier or {}).get('prompts', {}).items()}
+  prompts = known_prompts(earlier or {})
   prompts.update({r.prompt_index: r.prompt for r in runs})
   return dict(format=FORMAT, config=sweep.to_dict(), fingerprint=fingerprint(sweep),
               methods=list(dict.fromkeys(r.method for r in runs)),
@@ -192,6 +193,12 @@ def sweep_json(sweep: ml_collections.ConfigDict, runs: list[Run],
               runs=[r.to_dict() for r in runs])
 
 
+def known_prompts(old: dict) -> dict[int, str]:
+  """prompt index -> prompt of every plan a sweep.json (``old``) records: its ``prompts`` and its
+  runs' (a sweep.json written before ``prompts`` existed has only the runs)."""
+  prompts = {int(k): v for k, v in old.get('prompts', {}).items()}
+  prompts.update({int(r['prompt_index']): r['prompt'] for r in old.get('runs', [])})
+  return prompts
 
 
 def check_folder(sweep_dir: str, sweep: ml_collections.ConfigDict, runs: list[Run]) -> None:
@@ -211,15 +218,15 @@ def check_folder(sweep_dir: str, sweep: ml_collections.ConfigDict, runs: list[Ru
     try:
       with open(meta) as f:
         old = json.load(f)
-      old_fp, old_runs = old['fingerprint'], old['runs']
+      old_fp, prompts = old['fingerprint'], known_prompts(old)
+      if not isinstance(old['runs'], list):
+        raise TypeError('runs')
     except (OSError, ValueError, KeyError, TypeError):
       raise ValueError(f'{meta} is unreadable: not a kvjax sweep folder') from None
     if old_fp != fingerprint(sweep):
       raise ValueError(f'{sweep_dir} was made by another sweep config (run config or seed rule '
                        'differ); use a new --outdir or the config it was made with '
                        f'({SWEEP_JSON} holds it)')
-    prompts = {int(k): v for k, v in old.get('prompts', {}).items()}
-    prompts.update({r['prompt_index']: r['prompt'] for r in old_runs})
     for r in runs:
       if prompts.get(r.prompt_index, r.prompt) != r.prompt:
         raise ValueError(f'{sweep_dir} has prompt {r.prompt_index} = '

@@ -45,8 +45,7 @@ COLUMNS = (
     ('paper_ssim', 'paper SSIM', '.4f'), ('paper_lpips', 'paper LPIPS', '.4f'),
     ('paper_imaging_quality', 'paper imaging', '.4f'),
     ('paper_drift_imaging_quality', 'paper drift imaging', '.4f'))
-VBENCH = ('imaging_quality', 'aesthetic_quality', 'subject_consistency', 'background_consistency',
-          'drift_imaging_quality')
+VBENCH = (*vbench_eval.DIMENSIONS, vbench_eval.DRIFT)
 """vbench.csv's score columns (launch/vbench_eval.py) averaged per method when the file exists;
 with it, ``vbench_runs`` and (under the protocol) the paper's imaging and drift columns appear."""
 

@@ -64,7 +64,6 @@ DRIFT = 'drift_imaging_quality'
 CSV = 'vbench.csv'
 KEYS = ('method', 'prompt_index', 'seed', 'dir', 'videos')
 """The identifying columns of vbench.csv, before the scores."""
-EXIT_USAGE = cli.EXIT_USAGE
 NOT_INSTALLED = ('VBench is not installed (pip install vbench; it needs a CUDA GPU and downloads '
                  'its weights)')
 
@@ -138,15 +137,18 @@ def read_runs(sweep_dir: str | None) -> list[sweep_plan.Run]:
             for e in entries]
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise UsageError(f'{path} is not a sweep file ({type(e).__name__}: {e})') from None
-  if not os.access(sweep_dir, os.W_OK | os.X_OK):
-    raise UsageError(f'cannot write into {sweep_dir}')
+  try:
+    files.writable_root(sweep_dir)
+  except OSError as e:
+    raise UsageError(f'cannot write into {sweep_dir} ({e.strerror})') from None
   return runs
 
 
 def run_videos(sweep_dir: str, run: sweep_plan.Run) -> tuple[list[str], str]:
   """(paths of the run's videos, '') or ([], why it has none usable)."""
-  if not sweep_plan.is_complete(sweep_dir, run):
-    return [], 'incomplete (no complete result.json of this run)'
+  why = sweep_plan.run_problem(sweep_dir, run)
+  if why:
+    return [], f'incomplete ({why})'
   with open(os.path.join(sweep_dir, run.dir, 'result.json')) as f:
     names = json.load(f).get('videos') or []
   if not names:

@@ -161,7 +161,6 @@ def test_unwritable_folder_and_videos_not_in_sweep(sweep, monkeypatch, capsys):
   root, _ = sweep
   assert aggregate.run(str(root), 'qvg_int2') == 2                  # a method, not this sweep's
 
-
   def read_only(*args, **kwargs):                 # what a read-only mount answers
     raise OSError(30, 'Read-only file system')
 

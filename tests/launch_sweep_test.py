@@ -283,6 +283,17 @@ def test_slurm_submission_through_stand_in_commands(tmp_path):
   assert json.loads((out / 'slurm_jobs.json').read_text())['job_ids'][0].startswith('4242')
   again = _cli(*flags, env=env)
   assert again.returncode == 2 and 'still queued or running' in again.stderr
+  # Without squeue, or with a damaged job record, a rerun is one error line, not a traceback.
+  (bin_dir / 'squeue').unlink()
+  (out / 'slurm_jobs.json').write_text(json.dumps({'job_ids': ['4242']}))
+  blind = _cli(*flags, env=env)
+  lines = blind.stderr.strip().splitlines()
+  assert blind.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: ') and \
+      'squeue cannot be asked' in lines[0], blind.stderr[-2000:]
+  (out / 'slurm_jobs.json').write_text('{"job_')
+  torn = _cli(*flags, env=env)
+  assert torn.returncode == 2 and len(torn.stderr.strip().splitlines()) == 1 and \
+      'slurm_jobs.json is unreadable' in torn.stderr, torn.stderr[-2000:]
 
 
 def test_lock_prompts_memory_and_failed_runs(tmp_path, monkeypatch):
@@ -308,6 +319,15 @@ def test_lock_prompts_memory_and_failed_runs(tmp_path, monkeypatch):
   other = _cfg(methods='BF16', num_prompts=2, prompts_file=str(g))
   with pytest.raises(ValueError, match='has prompt 1 = .*another prompts file'):
     sweep_plan.check_folder(str(tmp_path / 's'), other, sweep_plan.plan(other))
+  # A sweep.json with runs but no "prompts" (written before it existed): its runs' prompts are
+  # remembered all the same through a narrower plan.
+  sweep_plan.prepare(str(tmp_path / 'old'), wide, sweep_plan.plan(wide))
+  meta = tmp_path / 'old' / 'sweep.json'
+  meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items()
+                              if k != 'prompts'}))
+  sweep_plan.prepare(str(tmp_path / 'old'), narrow, sweep_plan.plan(narrow))
+  with pytest.raises(ValueError, match='has prompt 1 = .*another prompts file'):
+    sweep_plan.check_folder(str(tmp_path / 'old'), other, sweep_plan.plan(other))
 
   tried = []
 

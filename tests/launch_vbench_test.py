@@ -166,7 +166,6 @@ def test_default_drift_is_the_whole_video_and_caps_clip(sweep, tmp_path, capsys)
 def test_aggregate_adds_the_method_means(sweep):
   root, _, _, before = sweep
   assert not set(st.VBENCH) & set(before.columns) and 'vbench_runs' not in before.columns
-  assert set(st.VBENCH) == {*vbench_eval.DIMENSIONS, vbench_eval.DRIFT}
   table = pd.read_csv(root / 'table.csv').set_index('method')
   assert list(table.index) == ['BF16', 'RTN_INT4']
   assert list(table.runs) == ['2/3', '2/3'] and list(table.vbench_runs) == ['2/2', '2/2']

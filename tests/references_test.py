@@ -85,6 +85,9 @@ def test_unusable_store_is_an_error_before_any_work(tmp_path):
                                    reference_dir=str(blocker / 'refs')),
                 outdir=str(tmp_path / 'never'))
   assert not (tmp_path / 'never').exists()
+  # A usable store that does not exist yet is checked, not created (a --dry_run leaves nothing).
+  references.check_dir(str(tmp_path / 'new' / 'refs'))
+  assert not (tmp_path / 'new').exists()
 
 
 def test_bf16_run_stores_itself_as_the_reference(tmp_path):
